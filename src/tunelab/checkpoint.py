@@ -1,0 +1,150 @@
+"""Training checkpoints: everything needed to continue a run as if it never stopped.
+
+A checkpoint is a folder ``checkpoints/step-NNNNNNNN/`` holding
+
+* ``trainable.safetensors``: the trainable parameters (LoRA weights, or the whole model);
+* ``optimizer.safetensors``: the optimizer's tensors and the RNG states;
+* ``state.json``: step, counters, best validation loss, the optimizer's non-tensor state.
+
+No pickle anywhere. The folder is written under a temporary name and renamed, and
+``latest`` is updated by an atomic replace after that, so a crash (or a full disk) at any
+moment leaves the previous checkpoint intact and ``latest`` pointing at a complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tunelab.adapters import atomic_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """The counters of a run; saved in ``state.json``."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    target_tokens_seen: int = 0
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    train_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_root(out: Path) -> Path:
+    return Path(out) / "checkpoints"
+
+
+def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for index, slot in state_dict["state"].items():
+        for key, value in slot.items():
+            name = f"state.{index}.{key}"
+            if isinstance(value, torch.Tensor):
+                tensors[name] = value.detach().cpu().contiguous()
+            else:
+                scalars[name] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
+        if not name.startswith("state."):
+            continue
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng.cuda.{i}"] = s
+    return out
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    if "rng.cpu" in tensors:
+        torch.set_rng_state(tensors["rng.cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters by name. ``named_parameters`` lists tied weights once."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
+            if p.requires_grad}
+
+
+def save_checkpoint(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    state: TrainState, keep: int) -> Path:
+    root = checkpoint_root(out)
+    final = root / f"step-{state.step:08d}"
+    tensors, meta = _flatten_optimizer(optimizer.state_dict())
+    with atomic_dir(final) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file({**tensors, **_rng_tensors()}, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"train": asdict(state), "optimizer": meta},
+                                                   indent=1))
+    _write_latest(root, final.name)
+    _prune(root, keep, protect={final.name})
+    return final
+
+
+def _write_latest(root: Path, name: str) -> None:
+    tmp = root / ".latest.tmp"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, root / "latest")
+
+
+def _prune(root: Path, keep: int, protect: set[str]) -> None:
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in steps[:-keep]:
+        if old.name not in protect:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or ``None``."""
+    root = checkpoint_root(out)
+    pointer = root / "latest"
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / "state.json").is_file():
+            return candidate
+    steps = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
+    return steps[-1] if steps else None
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer) -> TrainState:
+    """Restore weights, optimizer and RNG from a checkpoint; return its counters."""
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n in weights if n not in params]
+    if missing:
+        raise RuntimeError(f"checkpoint {path} does not match this model: {missing[:3]}")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    meta = json.loads((path / "state.json").read_text())
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    _restore_rng(tensors)
+    return TrainState(**meta["train"])

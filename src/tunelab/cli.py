@@ -1,0 +1,245 @@
+"""The ``tunelab`` command line: one subcommand per workflow.
+
+Every subcommand validates its input at the edge and raises ``TunelabError`` for anything the
+user can fix; ``main`` prints those as one clear line (no traceback) and exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import TunelabError
+
+log = logging.getLogger("tunelab")
+
+# CLI flag -> config key, for the common case (`tunelab train --model ... --data ...`).
+TRAIN_FLAGS: dict[str, tuple[str, type]] = {
+    "--model": ("model", str), "--data": ("data", str), "--val-data": ("val_data", str),
+    "--method": ("method", str), "--out": ("out", str), "--max-steps": ("max_steps", int),
+    "--epochs": ("epochs", float), "--lr": ("lr", float), "--batch-size": ("batch_size", int),
+    "--grad-accum": ("grad_accum", int), "--max-length": ("max_length", int),
+    "--save-every": ("save_every", int), "--eval-every": ("eval_every", int),
+    "--seed": ("seed", int), "--lora-r": ("lora_r", int), "--format": ("format", str),
+    "--device": ("device", str), "--dtype": ("dtype", str),
+}
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("bitsandbytes", "httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# ------------------------------------------------------------------------------ train
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tunelab.config import build_config, load_yaml, parse_overrides
+    from tunelab.memory import fmt_bytes
+    from tunelab.train import train
+
+    values: dict[str, Any] = {}
+    overrides = []
+    for item in args.config_and_overrides:
+        if "=" in item:
+            overrides.append(item)
+        elif values:
+            raise TunelabError(f"more than one config file given ('{item}')")
+        else:
+            values = load_yaml(item)
+            if "data" in values and not Path(values["data"]).is_absolute():
+                # Paths in a config file are relative to the file, so examples run from anywhere.
+                candidate = Path(item).parent / values["data"]
+                if candidate.exists():
+                    values["data"] = str(candidate)
+    values.update(parse_overrides(overrides))
+    for flag, (key, _) in TRAIN_FLAGS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            values[key] = value
+    if args.resume:
+        values["resume"] = True
+    cfg = build_config(values, source=args.config_and_overrides[0]
+                       if values and args.config_and_overrides else "command line")
+    result = train(cfg, progress=not args.no_progress)
+    print(f"trained {result.steps} steps in {result.train_seconds:.0f} s "
+          f"({result.tokens_per_second:.0f} tokens/s), peak memory "
+          f"{fmt_bytes(result.peak_memory_bytes)}")
+    if result.final_train_loss is not None:
+        val = f", val loss {result.final_val_loss:.4f}" if result.final_val_loss else ""
+        print(f"final train loss {result.final_train_loss:.4f}{val}")
+    stats = result.data_stats
+    if stats["truncated"] or stats["dropped"]:
+        print(f"data: {stats['truncated']} examples truncated and {stats['dropped']} dropped "
+              f"at max_length {stats['max_length']}")
+    kind = "adapter" if cfg.is_lora else "model"
+    print(f"{kind} saved to {result.weights_dir}")
+    return 130 if result.interrupted else 0
+
+
+def _add_train(sub: Any) -> None:
+    p = sub.add_parser("train", help="fine-tune a model (LoRA, QLoRA or full)",
+                       description="tunelab train [CONFIG.yaml] [key=value ...] [flags]")
+    p.add_argument("config_and_overrides", nargs="*", metavar="CONFIG.yaml | key=value")
+    for flag, (_, typ) in TRAIN_FLAGS.items():
+        p.add_argument(flag, type=typ, default=None)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+
+# --------------------------------------------------------------------------- generate
+
+
+def _load_for_inference(args: argparse.Namespace) -> tuple[Any, Any]:
+    from tunelab import adapters, models
+
+    model, tokenizer = models.load_model(args.model, device=args.device, dtype=args.dtype,
+                                         allow_pickle=args.allow_pickle,
+                                         trust_remote_code=args.trust_remote_code)
+    if args.adapter:
+        model = adapters.load_adapter(model, args.adapter)
+    return model, tokenizer
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="alias, folder, GGUF file or hub id")
+    p.add_argument("--adapter", default=None, help="LoRA adapter folder (or a run directory)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--system", default=None, help="system message")
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from tunelab.generate import GenerationSettings
+
+    return GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tunelab.generate import build_prompt, generate
+
+    model, tokenizer = _load_for_inference(args)
+    prompts = [build_prompt(tokenizer, p, raw=args.raw, system=args.system) for p in args.prompt]
+    for result in generate(model, tokenizer, prompts, _settings(args)):
+        print(result["text"])
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from tunelab.generate import build_prompt, generate
+
+    model, tokenizer = _load_for_inference(args)
+    history: list[dict[str, str]] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat with the model; empty line or Ctrl-D to quit, /reset to clear history")
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        if line.strip() == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": line})
+        reply = generate(model, tokenizer, [build_prompt(tokenizer, history)],
+                         _settings(args))[0]["text"]
+        history.append({"role": "assistant", "content": reply})
+        print(f"model> {reply}" if interactive else reply, flush=True)
+    return 0
+
+
+def _add_generate(sub: Any) -> None:
+    p = sub.add_parser("generate", help="generate a reply to one or more prompts")
+    p.add_argument("prompt", nargs="+")
+    p.add_argument("--raw", action="store_true", help="send the prompt as is, no chat template")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+    c = sub.add_parser("chat", help="interactive chat (stdin), with or without an adapter")
+    _add_model_args(c)
+    _add_sampling_args(c)
+    c.set_defaults(func=cmd_chat)
+
+
+# ------------------------------------------------------------------------------ merge
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from tunelab.merge import merge_to_checkpoint
+
+    report = merge_to_checkpoint(args.model, args.adapter, Path(args.out),
+                                 allow_pickle=args.allow_pickle, device=args.device)
+    print(f"merged checkpoint saved to {report['out']}")
+    print(f"max |logit difference| merged vs base+adapter: {report['max_abs_logit_diff']:.2e}")
+    return 0
+
+
+def _add_merge(sub: Any) -> None:
+    p = sub.add_parser("merge", help="fold an adapter into its base, save an HF checkpoint")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--allow-pickle", action="store_true")
+    p.set_defaults(func=cmd_merge)
+
+
+# ------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunelab", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_generate(sub)
+    _add_merge(sub)
+    try:
+        from tunelab.plan import cli as plan_cli
+    except ImportError:  # planner not installed in this build
+        plan_cli = None
+    if plan_cli is not None:
+        plan_cli.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except TunelabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""The one config object of a training run, validated once at the edge.
+
+A run is described by a YAML file, ``key=value`` overrides and CLI flags, merged in that
+order into a ``TrainConfig``. Validation happens here and only here: an unknown key, a wrong
+type or an out-of-range value raises ``ConfigError`` naming the key and what is allowed.
+Everything downstream can trust the object it is handed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from tunelab.errors import ConfigError
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "method": ("lora", "full", "qlora"),
+    "format": ("auto", "text", "prompt_completion", "instruction", "chat"),
+    "train_on": ("completions", "all"),
+    "overlength": ("truncate", "drop", "error"),
+    "schedule": ("cosine", "linear", "constant"),
+    "dtype": ("auto", "fp32", "bf16", "fp16"),
+    "device": ("auto", "cpu", "cuda", "mps"),
+    "optimizer": ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw"),
+}
+# (low, high, inclusive-low) for numeric keys.
+RANGES: dict[str, tuple[float, float | None]] = {
+    "lr": (0.0, None), "weight_decay": (0.0, None), "warmup_steps": (0, None),
+    "warmup_ratio": (0.0, 1.0), "max_steps": (0, None), "epochs": (0.0, None),
+    "batch_size": (1, None), "grad_accum": (1, None), "max_length": (8, None),
+    "grad_clip": (0.0, None), "save_every": (0, None), "eval_every": (0, None),
+    "keep_checkpoints": (1, None), "val_fraction": (0.0, 0.9), "lora_r": (1, None),
+    "lora_alpha": (0.0, None), "lora_dropout": (0.0, 1.0), "early_stopping_patience": (0, None),
+    "log_every": (1, None), "eval_batch_size": (1, None), "base_bits": (4, 16),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. See the README's config reference for each key."""
+
+    # what to train
+    model: str = "smollm2-135m"
+    data: str = ""
+    val_data: str | None = None
+    val_fraction: float = 0.1
+    format: str = "auto"
+    train_on: str = "completions"
+    max_length: int = 1024
+    overlength: str = "truncate"
+    out: str = "runs/latest"
+    # method
+    method: str = "lora"
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    use_rslora: bool = False
+    use_dora: bool = False
+    base_bits: int = 16
+    # optimisation
+    optimizer: str = "adamw"
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    max_steps: int = 0
+    epochs: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    grad_ckpt: bool = False
+    seed: int = 0
+    # evaluation and checkpoints
+    eval_every: int = 0
+    eval_batch_size: int = 8
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    early_stopping_patience: int = 0
+    log_every: int = 1
+    # machine and safety
+    device: str = "auto"
+    dtype: str = "auto"
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    resume: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def is_lora(self) -> bool:
+        return self.method in ("lora", "qlora")
+
+
+_HINTS = get_type_hints(TrainConfig)
+KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "extra")
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Check (and, for strings from the command line, convert) one value against its type."""
+    hint = _HINTS[key]
+    text = value if isinstance(value, str) else None
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if text is not None and text.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return text.lower() in ("true", "yes", "1")
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if text is not None:
+            try:
+                return int(text)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if text is not None:
+            try:
+                return float(text)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+    if key == "target_modules":
+        if isinstance(value, str):
+            if "," in value:
+                return [v.strip() for v in value.split(",") if v.strip()]
+            return value
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            return value
+        raise ConfigError("config key 'target_modules' must be 'all-linear' or a list of "
+                          f"module names, got {value!r}")
+    if hint == str | None:
+        if value is None or isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    if not isinstance(value, str):
+        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    return value
+
+
+def _check_value(key: str, value: Any) -> None:
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"config key '{key}' is {value!r}; allowed: {', '.join(CHOICES[key])}")
+    if key in RANGES and value is not None:
+        low, high = RANGES[key]
+        if value < low or (high is not None and value > high):
+            span = f">= {low}" if high is None else f"between {low} and {high}"
+            raise ConfigError(f"config key '{key}' is {value!r}; it must be {span}")
+
+
+def _check_combination(cfg: TrainConfig) -> None:
+    if not cfg.data:
+        raise ConfigError("no training data: set 'data' (or --data FILE)")
+    if cfg.base_bits not in (4, 8, 16):
+        raise ConfigError(f"config key 'base_bits' is {cfg.base_bits}; allowed: 4, 8, 16")
+    if cfg.method == "full" and cfg.base_bits != 16:
+        raise ConfigError("full fine-tuning cannot update a quantized base "
+                          f"(base_bits: {cfg.base_bits}); use method: qlora, or lora with "
+                          "base_bits, or base_bits: 16 for full fine-tuning")
+    if cfg.method == "qlora" and cfg.base_bits == 16:
+        cfg.base_bits = 4
+    if cfg.warmup_steps and cfg.warmup_ratio:
+        raise ConfigError("set warmup_steps or warmup_ratio, not both")
+    if cfg.use_dora and cfg.method == "full":
+        raise ConfigError("use_dora is a LoRA option; it has no meaning with method: full")
+
+
+def build_config(values: dict[str, Any], *, source: str = "config") -> TrainConfig:
+    """Validate a mapping of settings into a ``TrainConfig``."""
+    cfg = TrainConfig()
+    for key, value in values.items():
+        if key not in KEYS:
+            close = difflib.get_close_matches(key, KEYS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{source}: unknown config key '{key}'{hint}. "
+                              f"Known keys: {', '.join(KEYS)}")
+        try:
+            coerced = _coerce(key, value)
+            _check_value(key, coerced)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        setattr(cfg, key, coerced)
+    _check_combination(cfg)
+    return cfg
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``key=value`` strings; values parsed as YAML scalars (so ``lr=1e-4`` is a number)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")

@@ -1,0 +1,79 @@
+"""Causal-LM loss computed only where it is needed.
+
+For next-token prediction, position ``t`` predicts token ``t+1``; the loss is
+
+    L = sum_{t in targets} -log softmax(W_out h_t)[y_{t+1}]
+
+Completion-only training masks every prompt position, so the output layer (``W_out``, a
+``vocab x hidden`` matmul: about a fifth of SmolLM2's forward FLOPs per token) is applied
+only to the hidden states of target positions. The result is the same sum as the full
+logits path, at a fraction of the cost and of the ``tokens x vocab`` memory.
+
+The loss is returned as a *sum* with its token count, so the caller can normalise by the
+number of target tokens across all micro-batches (and ranks) of an optimizer step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.data import IGNORE_INDEX
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft / DDP wrapper."""
+    inner = model
+    while True:
+        if hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):
+            inner = inner.module
+        elif hasattr(inner, "get_base_model"):
+            inner = inner.get_base_model()
+        else:
+            return inner
+
+
+class TargetLoss(torch.nn.Module):
+    """Wraps a causal LM; ``forward(batch) -> (loss_sum, n_targets)`` over target tokens.
+
+    Being an ``nn.Module`` whose forward runs the whole model lets DDP/FSDP wrap it and see
+    every parameter used in the step.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        inner = unwrap(model)
+        self.backbone = getattr(inner, inner.base_model_prefix)
+        self.head = inner.get_output_embeddings()
+        self.softcap = getattr(inner.config, "final_logit_softcapping", None)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor, position_ids: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask,
+                                  "use_cache": False}
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        hidden = self.backbone(**kwargs).last_hidden_state
+        targets = labels[:, 1:]
+        mask = targets != IGNORE_INDEX
+        picked = hidden[:, :-1][mask]
+        logits = self.head(picked).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        loss_sum = F.cross_entropy(logits, targets[mask], reduction="sum")
+        return loss_sum, mask.sum()
+
+
+def full_logits_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference path: full logits through the model's own forward. Used in tests."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   use_cache=False).logits.float()
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE_INDEX
+    loss = F.cross_entropy(logits[:, :-1][mask], targets[mask], reduction="sum")
+    return loss, mask.sum()

@@ -1,0 +1,350 @@
+"""The training recipe: one explicit loop, top to bottom.
+
+    load model + tokenizer -> read, split, tokenize data -> attach LoRA (or unfreeze all)
+    -> AdamW -> for each step: lr(step); accumulate micro-batches; clip; step
+    -> validate / checkpoint every N steps -> save the adapter (or full model) + model card
+
+Loss normalisation: an optimizer step sees micro-batches ``b_1..b_k`` holding ``n_1..n_k``
+target tokens. Each micro-batch contributes ``sum_t loss_t / N`` with ``N = n_1 + ... + n_k``,
+so the gradient is that of the mean over all target tokens of the step, whatever the split
+into micro-batches (one micro-batch of 8 equals four of 2).
+
+Everything the run writes lives under ``cfg.out``:
+
+    adapter/ or model/      final weights (PEFT adapter or full HF checkpoint) + README.md
+    best/                   the weights with the best validation loss (when validating)
+    checkpoints/step-N/     resumable state (see tunelab.checkpoint)
+    metrics.jsonl           one line per step: loss, val loss, lr, tokens, tokens/s, memory
+    summary.json            final figures of the run
+    run_config.json         the validated config
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab import adapters, checkpoint, data, models
+from tunelab.config import TrainConfig, save_config
+from tunelab.errors import TunelabError
+from tunelab.loss import TargetLoss, unwrap
+from tunelab.memory import fmt_bytes, model_memory_parts, peak_memory_bytes
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(TunelabError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class RunResult:
+    out: Path
+    weights_dir: Path
+    steps: int
+    final_train_loss: float | None
+    final_val_loss: float | None
+    best_val_loss: float | None
+    best_step: int | None
+    train_seconds: float
+    tokens_per_second: float
+    peak_memory_bytes: int
+    data_stats: dict[str, int]
+    interrupted: bool = False
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then decay."""
+    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    if cfg.schedule == "linear":
+        return cfg.lr * (1.0 - progress)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def total_steps(cfg: TrainConfig, n_train: int) -> int:
+    if cfg.max_steps:
+        return cfg.max_steps
+    micro_per_epoch = max(1, -(-n_train // cfg.batch_size))
+    return max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum))
+
+
+def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    import bitsandbytes as bnb  # only the 8-bit / paged variants need it
+
+    cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit,
+           "paged_adamw": bnb.optim.PagedAdamW}[cfg.optimizer]
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def prepare_model(cfg: TrainConfig) -> tuple[torch.nn.Module, Any]:
+    """Load the base and make the right parameters trainable for ``cfg.method``."""
+    model, tokenizer = models.load_model(cfg.model, device=cfg.device, dtype=cfg.dtype,
+                                         allow_pickle=cfg.allow_pickle,
+                                         trust_remote_code=cfg.trust_remote_code)
+    if cfg.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, tokenizer
+    model = adapters.attach_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha,
+                                 dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
+                                 use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
+    return model, tokenizer
+
+
+def load_datasets(cfg: TrainConfig, tokenizer: Any
+                  ) -> tuple[list[data.Example], list[data.Example], data.DataStats]:
+    records = data.read_records(cfg.data)
+    if cfg.val_data:
+        train_records, val_records = records, data.read_records(cfg.val_data)
+    else:
+        train_records, val_records = data.split_records(records, cfg.val_fraction, cfg.seed)
+    kw = {"fmt": cfg.format, "max_length": cfg.max_length, "overlength": cfg.overlength,
+          "train_on": cfg.train_on}
+    train_set, stats = data.encode_records(train_records, tokenizer, **kw)
+    val_set = data.encode_records(val_records, tokenizer, **kw)[0] if val_records else []
+    return train_set, val_set, stats
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate_loss(loss_fn: TargetLoss, examples: list[data.Example], batch_size: int,
+                  pad_id: int, device: torch.device) -> float:
+    """Mean loss per target token over a whole dataset."""
+    was_training = loss_fn.training
+    loss_fn.eval()
+    total, count = 0.0, 0
+    for batch in data.iter_batches(examples, batch_size, pad_id):
+        loss_sum, n = loss_fn(**to_device(batch, device))
+        total += float(loss_sum)
+        count += int(n)
+    loss_fn.train(was_training)
+    return total / max(1, count)
+
+
+class MetricsLog:
+    """Append-only JSONL of per-step metrics; on resume, lines past the checkpoint are cut."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        kept = []
+        if resume_step is not None and path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        kept.append(line)
+                except (json.JSONDecodeError, KeyError):
+                    break  # a torn last line from a kill: everything before it is good
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        os.replace(tmp, path)
+        self._fh = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def save_weights(model: torch.nn.Module, tokenizer: Any, cfg: TrainConfig, folder: Path,
+                 metrics: dict[str, Any]) -> Path:
+    """The final (or best) weights: a PEFT adapter, or a full HF checkpoint."""
+    source = getattr(unwrap(model), "tunelab_source", None)
+    card = adapters.model_card(
+        base_model=cfg.model, licence=source.licence_hint if source else None,
+        data=cfg.data, method=cfg.method,
+        hyperparameters={k: cfg.to_dict()[k] for k in (
+            "method", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr",
+            "batch_size", "grad_accum", "max_length", "seed", "schedule", "train_on")},
+        metrics=metrics)
+    if cfg.is_lora:
+        return adapters.save_adapter(model, folder, card=card)
+    with adapters.atomic_dir(folder) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+    return folder
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
+    """Run one training job described by ``cfg``; see the module docstring."""
+    from tqdm.auto import tqdm
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = prepare_model(cfg)
+    device = next(model.parameters()).device
+    train_set, val_set, stats = load_datasets(cfg, tokenizer)
+    log.info("data: %d train / %d validation examples; %d truncated, %d dropped (max_length %d)",
+             len(train_set), len(val_set), stats.n_truncated, stats.n_dropped, cfg.max_length)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+    n_total = sum(p.numel() for p in model.parameters())
+    log.info("trainable parameters: %s of %s (%.3f%%)", f"{n_trainable:,}", f"{n_total:,}",
+             100 * n_trainable / n_total)
+    optimizer = build_optimizer(cfg, trainable)
+    loss_fn = TargetLoss(model).train()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    schedule = data.BatchSchedule(len(train_set), cfg.batch_size, cfg.seed)
+    steps = total_steps(cfg, len(train_set))
+
+    state = checkpoint.TrainState()
+    resume_from = checkpoint.latest_checkpoint(out) if cfg.resume else None
+    if resume_from is not None:
+        state = checkpoint.load_checkpoint(resume_from, model, optimizer)
+        log.info("resumed from %s (step %d)", resume_from, state.step)
+    elif cfg.resume:
+        log.warning("--resume: no checkpoint in %s, starting from scratch", out)
+    save_config(cfg, out / "run_config.json")
+    metrics_log = MetricsLog(out / "metrics.jsonl", state.step if resume_from else 0)
+
+    stop_requested = {"flag": False}
+
+    def request_stop(signum: int, frame: Any) -> None:  # Ctrl-C / SIGTERM: finish the step
+        stop_requested["flag"] = True
+
+    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    bar = tqdm(total=steps, initial=state.step, disable=not progress, desc="train",
+               unit="step", dynamic_ncols=True)
+    last_train_loss = last_val_loss = None
+    window_tokens, window_start = 0, time.perf_counter()
+    last_saved = state.step if resume_from else -1
+    try:
+        while state.step < steps and not stop_requested["flag"]:
+            step_start = time.perf_counter()
+            lr = lr_at(state.step, cfg, steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro = [data.collate([train_set[i] for i in schedule.indices(
+                state.step * cfg.grad_accum + j)], pad_id) for j in range(cfg.grad_accum)]
+            n_step_targets = sum(int((b["labels"][:, 1:] != data.IGNORE_INDEX).sum())
+                                 for b in micro)
+            loss_total = 0.0
+            for batch in micro:
+                loss_sum, _ = loss_fn(**to_device(batch, device))
+                (loss_sum / n_step_targets).backward()
+                loss_total += float(loss_sum.detach())
+            train_loss = loss_total / n_step_targets
+            if not math.isfinite(train_loss):
+                raise TrainingDiverged(
+                    f"loss is {train_loss} at step {state.step + 1}; stopping. The last good "
+                    f"checkpoint is kept in {checkpoint.checkpoint_root(out)}. Lower lr "
+                    f"(now {cfg.lr}) or check the data.")
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            n_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+            state.step += 1
+            state.tokens_seen += n_tokens
+            state.target_tokens_seen += n_step_targets
+            state.train_seconds += time.perf_counter() - step_start
+            window_tokens += n_tokens
+            last_train_loss = train_loss
+            record: dict[str, Any] = {
+                "step": state.step, "epoch": round(schedule.epoch_of(state.step * cfg.grad_accum),
+                                                   4),
+                "train_loss": train_loss, "lr": lr, "tokens": state.tokens_seen,
+                "target_tokens": state.target_tokens_seen,
+                "tokens_per_s": n_tokens / max(1e-9, time.perf_counter() - step_start),
+                "peak_memory": peak_memory_bytes(device),
+            }
+            do_eval = val_set and cfg.eval_every and (state.step % cfg.eval_every == 0
+                                                      or state.step == steps)
+            if do_eval:
+                last_val_loss = evaluate_loss(loss_fn, val_set, cfg.eval_batch_size, pad_id,
+                                              device)
+                record["val_loss"] = last_val_loss
+                if state.best_val_loss is None or last_val_loss < state.best_val_loss:
+                    state.best_val_loss, state.best_step = last_val_loss, state.step
+                    state.evals_without_improvement = 0
+                    save_weights(model, tokenizer, cfg, out / "best",
+                                 {"step": state.step, "val_loss": round(last_val_loss, 4)})
+                else:
+                    state.evals_without_improvement += 1
+            metrics_log.write(record)
+            elapsed = time.perf_counter() - window_start
+            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{window_tokens / elapsed:.0f}",
+                            **({"val": f"{last_val_loss:.4f}"} if last_val_loss else {}))
+            bar.update(1)
+            if cfg.save_every and state.step % cfg.save_every == 0:
+                checkpoint.save_checkpoint(out, model, optimizer, state, cfg.keep_checkpoints)
+                last_saved = state.step
+            if (cfg.early_stopping_patience
+                    and state.evals_without_improvement >= cfg.early_stopping_patience):
+                log.info("early stopping at step %d: no validation improvement in %d evals",
+                         state.step, cfg.early_stopping_patience)
+                break
+    finally:
+        bar.close()
+        metrics_log.close()
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+
+    interrupted = stop_requested["flag"] and state.step < steps
+    if last_saved != state.step and (interrupted or cfg.save_every):
+        checkpoint.save_checkpoint(out, model, optimizer, state, cfg.keep_checkpoints)
+    if interrupted:
+        log.warning("interrupted at step %d; checkpoint saved. Continue with --resume.",
+                    state.step)
+    peak = peak_memory_bytes(device)
+    final_metrics = {"steps": state.step, "train_loss": _round(last_train_loss),
+                     "val_loss": _round(last_val_loss), "best_val_loss":
+                     _round(state.best_val_loss), "best_step": state.best_step}
+    weights_dir = out / ("adapter" if cfg.is_lora else "model")
+    save_weights(model, tokenizer, cfg, weights_dir, final_metrics)
+    tokens_per_s = state.tokens_seen / max(1e-9, state.train_seconds)
+    result = RunResult(out=out, weights_dir=weights_dir, steps=state.step,
+                       final_train_loss=last_train_loss, final_val_loss=last_val_loss,
+                       best_val_loss=state.best_val_loss, best_step=state.best_step,
+                       train_seconds=state.train_seconds, tokens_per_second=tokens_per_s,
+                       peak_memory_bytes=peak, data_stats=stats.as_dict(),
+                       interrupted=interrupted)
+    summary = {**asdict(result), "out": str(out), "weights_dir": str(weights_dir),
+               "trainable_parameters": n_trainable, "total_parameters": n_total,
+               "memory_parts": model_memory_parts(model, optimizer)}
+    _write_json(out / "summary.json", summary)
+    log.info("peak memory %s; %.0f tokens/s; weights in %s", fmt_bytes(peak), tokens_per_s,
+             weights_dir)
+    return result
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
