@@ -299,6 +299,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
                             **({"val": f"{last_val_loss:.4f}"} if last_val_loss else {}))
             bar.update(1)
             if cfg.save_every and state.step % cfg.save_every == 0:
+                _check_finite(trainable, state.step, out)
                 checkpoint.save_checkpoint(out, model, optimizer, state, cfg.keep_checkpoints)
                 last_saved = state.step
             if (cfg.early_stopping_patience
@@ -313,6 +314,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
             signal.signal(sig, handler)
 
     interrupted = stop_requested["flag"] and state.step < steps
+    _check_finite(trainable, state.step, out)
     if last_saved != state.step and (interrupted or cfg.save_every):
         checkpoint.save_checkpoint(out, model, optimizer, state, cfg.keep_checkpoints)
     if interrupted:
@@ -338,6 +340,15 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
     log.info("peak memory %s; %.0f tokens/s; weights in %s", fmt_bytes(peak), tokens_per_s,
              weights_dir)
     return result
+
+
+def _check_finite(params: list[torch.nn.Parameter], step: int, out: Path) -> None:
+    """Refuse to save weights an update has made inf/NaN: the last good checkpoint stays."""
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        raise TrainingDiverged(
+            f"weights became NaN or infinite at step {step}; stopping without saving them. "
+            f"The last good checkpoint is kept in {checkpoint.checkpoint_root(out)}. "
+            "Lower lr or check the data.")
 
 
 def _round(x: float | None) -> float | None:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape
 
-# Above this many points a line is thinned by striding: a 720-px-wide chart cannot show
+# Above this many points a line is thinned by striding: a 900-px-wide chart cannot show
 # more, and the file stays small for runs that log every step.
 MAX_LINE_POINTS = 1500
 
@@ -98,7 +98,7 @@ def _thin(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
 
 def line_chart(series: Sequence[Series], *, title: str, x_label: str, y_label: str,
                markers: Sequence[VMarker] = (), shades: Sequence[Shade] = (),
-               width: int = 720, height: int = 320) -> str:
+               width: int = 900, height: int = 340) -> str:
     """An SVG line chart with axes, ticks, a legend, vertical markers and shaded ranges."""
     all_pts = [p for s in series for p in s.points]
     if not all_pts:
@@ -184,7 +184,7 @@ class Bar:
 
 
 def bar_chart(bars: Sequence[Bar], *, title: str, domain: tuple[float, float] | None = None,
-              width: int = 720, row_height: int = 30, label_width: int = 220,
+              width: int = 900, row_height: int = 30, label_width: int = 240,
               value_digits: int = 2) -> str:
     """Horizontal bars from 0 to ``value`` with whiskers for ``[low, high]``.
 
@@ -229,9 +229,9 @@ def bar_chart(bars: Sequence[Bar], *, title: str, domain: tuple[float, float] | 
         if b.low is not None and b.high is not None:
             interval = f" [{b.low:.{value_digits}f}, {b.high:.{value_digits}f}]"
         tip = f"{b.label}: {b.value:.{value_digits}f}{interval}"
+        short = _truncate(b.label, label_width // 7)  # ~7 px per character at 12 px
         out.append(f'<text class="bar-label" x="{label_width - 8}" y="{yc + 4:.1f}" '
-                   f'text-anchor="end">{_e(_truncate(b.label, 30))}<title>{_e(b.label)}</title>'
-                   "</text>")
+                   f'text-anchor="end">{_e(short)}<title>{_e(b.label)}</title></text>')
         out.append(f'<rect class="{_e(b.css)}" x="{a:.1f}" y="{yc - bh / 2:.1f}" '
                    f'width="{max(c - a, 0.5):.1f}" height="{bh:.1f}"><title>{_e(tip)}</title>'
                    "</rect>")

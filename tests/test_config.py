@@ -1,0 +1,45 @@
+import pytest
+
+from tunelab.config import build_config, load_yaml, parse_overrides
+from tunelab.errors import ConfigError
+
+BASE = {"data": "x.jsonl"}
+
+
+def test_defaults_and_overrides_parse_types():
+    cfg = build_config({**BASE, **parse_overrides(["lr=1e-4", "batch_size=2",
+                                                    "grad_ckpt=true", "target_modules=q_proj,v_proj"])})
+    assert cfg.lr == 1e-4 and cfg.batch_size == 2 and cfg.grad_ckpt is True
+    assert cfg.target_modules == ["q_proj", "v_proj"] and cfg.method == "lora"
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"lerning_rate": 1}, r"unknown config key 'lerning_rate'.*Known keys: model, data"),
+    ({"batch_sise": 1}, r"did you mean 'batch_size'"),
+    ({"batch_size": "two"}, r"'batch_size' must be an integer, got 'two'"),
+    ({"batch_size": 0}, r"'batch_size' is 0; it must be >= 1"),
+    ({"lora_dropout": 1.5}, r"'lora_dropout' is 1.5; it must be between 0.0 and 1.0"),
+    ({"method": "prefix"}, r"'method' is 'prefix'; allowed: lora, full, qlora"),
+    ({"grad_ckpt": "maybe"}, r"'grad_ckpt' must be true or false"),
+    ({"target_modules": 3}, r"'target_modules' must be 'all-linear' or a list"),
+    ({"method": "full", "base_bits": 4}, r"full fine-tuning cannot update a quantized base"),
+    ({"data": ""}, r"no training data"),
+])
+def test_bad_config_names_the_key_and_what_is_allowed(values, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config({**BASE, **values})
+
+
+def test_yaml_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_yaml(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_yaml(bad)
+    with pytest.raises(ConfigError, match="is not key=value"):
+        parse_overrides(["lr"])
+
+
+def test_qlora_implies_4bit_base():
+    assert build_config({**BASE, "method": "qlora"}).base_bits == 4
