@@ -43,7 +43,7 @@ def main() -> None:
                      "currency": c["currencies"][0]})
     rng = random.Random(0)
     rng.shuffle(rows)
-    out = Path(__file__).parent / "data" / "countries.jsonl"
+    out = Path(__file__).resolve().parent.parent / "src" / "tunelab" / "assets" / "countries.jsonl"
     with open(out, "w", encoding="utf-8") as fh:
         for i, row in enumerate(rows):
             sentence = TEMPLATES[i % len(TEMPLATES)].format(**row)

@@ -7,8 +7,8 @@ BASE = {"data": "x.jsonl"}
 
 
 def test_defaults_and_overrides_parse_types():
-    cfg = build_config({**BASE, **parse_overrides(["lr=1e-4", "batch_size=2",
-                                                    "grad_ckpt=true", "target_modules=q_proj,v_proj"])})
+    overrides = ["lr=1e-4", "batch_size=2", "grad_ckpt=true", "target_modules=q_proj,v_proj"]
+    cfg = build_config({**BASE, **parse_overrides(overrides)})
     assert cfg.lr == 1e-4 and cfg.batch_size == 2 and cfg.grad_ckpt is True
     assert cfg.target_modules == ["q_proj", "v_proj"] and cfg.method == "lora"
 

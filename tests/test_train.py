@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import write_jsonl
 from tunelab import data, models
 from tunelab.adapters import attach_lora
 from tunelab.config import build_config
@@ -71,7 +70,7 @@ def test_lr_schedule_warmup_then_cosine_to_zero():
     cfg = build_config({"data": "x", "lr": 1.0, "warmup_steps": 2})
     lrs = [lr_at(s, cfg, 10) for s in range(10)]
     assert lrs[0] == 0.5 and lrs[1] == 1.0 and lrs[-1] < 0.05
-    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False))
 
 
 def _cfg(tiny_model_dir, data_path, out, **kw):
@@ -108,11 +107,10 @@ def test_full_finetune_saves_a_loadable_checkpoint(tiny_model_dir, qa_data, tmp_
 
 
 def test_nan_loss_stops_with_a_message(tiny_model_dir, qa_data, tmp_path):
-    from tunelab.train import TrainingDiverged
-
     from safetensors.torch import load_file
 
     from tunelab.checkpoint import latest_checkpoint
+    from tunelab.train import TrainingDiverged
 
     out = tmp_path / "nan"
     train(_cfg(tiny_model_dir, qa_data, out, max_steps=2, save_every=1), progress=False)

@@ -209,6 +209,23 @@ def _add_merge(sub: Any) -> None:
     p.set_defaults(func=cmd_merge)
 
 
+# ------------------------------------------------------------------------- quickstart
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from tunelab.quickstart import run_quickstart
+
+    run_quickstart(args.out, max_steps=args.max_steps)
+    return 0
+
+
+def _add_quickstart(sub: Any) -> None:
+    p = sub.add_parser("quickstart", help="the whole story on the embedded default model")
+    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.set_defaults(func=cmd_quickstart)
+
+
 # ------------------------------------------------------------------------------- main
 
 
@@ -219,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_generate(sub)
     _add_merge(sub)
+    _add_quickstart(sub)
     try:
         from tunelab.plan import cli as plan_cli
     except ImportError:  # planner not installed in this build

@@ -335,7 +335,7 @@ def encode_record(record: Record, fmt: str, tokenizer: Any, *, train_on: str = "
     if train_on == "all":
         return Example(list(ids), list(ids))
     labels = [tok if any(a <= start < b for a, b in spans) and end > start else IGNORE_INDEX
-              for tok, (start, end) in zip(ids, offsets)]
+              for tok, (start, end) in zip(ids, offsets, strict=True)]
     return Example(list(ids), labels)
 
 

@@ -418,6 +418,11 @@ class GPU:
     aliases: tuple[str, ...] = field(default=())
 
     @property
+    def label(self) -> str:
+        """Short display name: ``24GB``, ``A100-80GB``, ``4090``, ``CPU``."""
+        return self.key.upper()
+
+    @property
     def memory_gib(self) -> float:
         return self.memory_bytes / 1024**3
 
@@ -664,10 +669,34 @@ def arch_from_gguf(path: str | os.PathLike[str]) -> Arch:
     )
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub's host resolves and accepts a connection (fails fast offline, instead
+    of huggingface_hub's retries with back-off)."""
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _hub_file(repo_id: str, filename: str) -> Path:
-    """Download one small file from the Hub (lazy import; raises on any failure)."""
+    """One small file from the Hub: the local HF cache first, then a download (lazy import;
+    raises on any failure)."""
     from huggingface_hub import hf_hub_download
 
+    try:
+        return Path(hf_hub_download(repo_id, filename, local_files_only=True))
+    except Exception:
+        pass  # not cached: try the network
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ConnectionError("HF_HUB_OFFLINE is set and the file is not in the local cache")
+    if not _hub_reachable():
+        raise ConnectionError("the Hugging Face Hub cannot be reached (offline?)")
     return Path(hf_hub_download(repo_id, filename))
 
 

@@ -1,0 +1,20 @@
+# The two commands of the README. Each sets up what it needs first (idempotent).
+PY ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV)/bin/python,$(if $(CONDA_PREFIX),$(CONDA_PREFIX)/bin/python,.venv/bin/python))
+
+.PHONY: quickstart test lint setup setup-test
+
+setup:
+	@bash scripts/setup.sh run
+
+setup-test:
+	@bash scripts/setup.sh test
+
+quickstart: setup
+	$(PY) -m tunelab quickstart
+
+test: setup-test
+	$(PY) -m ruff check src tests benchmarks examples
+	TUNELAB_REQUIRE_BROWSER=1 $(PY) -m pytest -q
+
+lint: setup-test
+	$(PY) -m ruff check src tests benchmarks examples
