@@ -44,8 +44,17 @@ def test_acceptance_llama_2_7b_on_24gb(capsys: pytest.CaptureFixture[str]) -> No
     assert fits.split()[-3:] == ["NO", "NO", "yes"]
     assert "Best choice: qlora" in out
     assert "--grad-ckpt saves" in out and "With --grad-ckpt, lora would fit" in out
+    assert "--adapter-dtype bf16 saves" in out
     assert "TFLOP/s peak x 0.40 utilization" in out
     assert "Assumptions:" in out
+
+
+def test_main_cli_dispatches_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    main_cli = pytest.importorskip("tunelab.cli")
+    assert main_cli.main(["plan", "--model", "llama-2-7b", "--gpu", "24GB"]) == 0
+    assert "Best choice: qlora" in capsys.readouterr().out
+    assert main_cli.main(["plan", "--model", "llama-2-7b", "--gpu", "nope"]) == 2
+    assert "unknown GPU 'nope'" in capsys.readouterr().err
 
 
 def test_grad_ckpt_makes_lora_the_choice_and_counts_gpus_for_full(

@@ -64,6 +64,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="LoRA targets: all-linear (default) or e.g. q,v / q_proj,v_proj")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                    help="weights/compute dtype (default: bf16, fp16 on T4/V100, fp32 on cpu)")
+    p.add_argument("--adapter-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="LoRA weight dtype (default fp32, PEFT's autocast default)")
     p.add_argument("--quant", choices=QUANTS, default="nf4-dq",
                    help="qlora base quantization (default nf4-dq: NF4 + double quant)")
     p.add_argument("--target-fraction", type=float, default=1.0,
@@ -98,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         lora_r=args.lora_r,
         lora_targets=args.lora_targets,
         dtype=args.dtype,
+        adapter_dtype=args.adapter_dtype,
         quant=args.quant,
         target_fraction=args.target_fraction,
         attention=args.attention,

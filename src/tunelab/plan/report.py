@@ -370,6 +370,18 @@ def _advice(plan: Plan, common: dict[str, Any]) -> list[str]:
         if newly:
             out.append(f"With --grad-ckpt, {' and '.join(newly)} would fit on {where}.")
 
+    # fp32 adapters on a 16-bit model: PEFT casts each adapted layer's input to fp32 and
+    # lora_A keeps that copy.
+    if focus.method != "full" and common["adapter_dtype"] != common["dtype"]:
+        same = _estimate(arch, focus.method, common, gpus=plan.gpus,
+                         parallel=focus.parallel or "ddp", adapter_dtype=common["dtype"])
+        saved = focus.memory.total - same.total
+        if saved >= 0.1 * focus.memory.total:
+            out.append(f"{common['adapter_dtype']} LoRA weights make PEFT keep extra "
+                       f"{common['adapter_dtype']} copies of every adapted layer's input: "
+                       f"--adapter-dtype {common['dtype']} saves {fmt_bytes(saved)} for "
+                       f"{focus.method}.")
+
     # 8-bit optimizer.
     if common["optimizer"] != "adamw8bit":
         for mp in shown:
@@ -424,11 +436,19 @@ def _advice(plan: Plan, common: dict[str, Any]) -> list[str]:
                            f"{s}.")
                 break
             s //= 2
+        light = _estimate(arch, lightest, common, grad_ckpt=True)
+        if light.weights > usable:
+            out.append(f"Even {lightest}'s base weights ({fmt_bytes(light.weights)}) exceed "
+                       f"the usable memory of one {gpu.label}.")
+        ckpt_common = common | {"grad_ckpt": True}
+        n = _min_fsdp_gpus(arch, lightest, ckpt_common, gpu, plan.headroom)
+        if n:
+            out.append(f"{lightest} with --grad-ckpt needs {n} of these GPUs with FSDP.")
         bigger = [g for g in sorted(GPUS, key=lambda g: g.memory_bytes)
-                  if g.memory_bytes > gpu.memory_bytes and fit_status(
-                      _estimate(arch, lightest, common), g, plan.headroom) != "no"]
+                  if g.memory_bytes > gpu.memory_bytes and fit_status(light, g, plan.headroom)
+                  != "no"]
         if bigger:
-            out.append(f"Smallest catalogue GPU where {lightest} fits as configured: "
+            out.append(f"Smallest catalogue GPU where {lightest} with --grad-ckpt fits: "
                        f"{bigger[0].label} ({bigger[0].memory_gib:.0f} GiB).")
 
     # Logits: large vocabularies.
