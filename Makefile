@@ -13,8 +13,8 @@ quickstart: setup
 	$(PY) -m tunelab quickstart
 
 test: setup-test
-	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff check .
 	TUNELAB_REQUIRE_BROWSER=1 $(PY) -m pytest -q
 
 lint: setup-test
-	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff check .

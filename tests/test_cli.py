@@ -20,7 +20,7 @@ def test_train_generate_merge_from_flags(tiny_model_dir, qa_data, tmp_path, caps
                  "--max-new-tokens", "5", "capital of France?"]) == 0
     assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(out / "adapter"),
                  "--out", str(tmp_path / "merged")]) == 0
-    assert "max |logit difference|" in capsys.readouterr().out
+    assert "max |logit difference| against base+adapter" in capsys.readouterr().out
     assert (tmp_path / "merged/model.safetensors").is_file()
 
 

@@ -197,15 +197,30 @@ model = PeftModel.from_pretrained(base, "<this folder>")
 """
 
 
-def save_adapter(model: Any, out_dir: Path, *, card: str | None = None) -> Path:
-    """Save a PEFT model's adapter atomically to ``out_dir`` (safetensors)."""
+TUNELAB_META = "tunelab.json"
+
+
+def save_adapter(model: Any, out_dir: Path, *, card: str | None = None,
+                 meta: dict[str, Any] | None = None) -> Path:
+    """Save a PEFT model's adapter atomically to ``out_dir`` (safetensors).
+
+    ``meta`` (base model spec, base quantization) goes to ``tunelab.json`` beside PEFT's
+    files, so inference and merging can rebuild the base the adapter was trained on; PEFT
+    ignores the extra file.
+    """
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         if card is not None:
             (tmp / "README.md").write_text(card, encoding="utf-8")
-        config = json.loads((tmp / ADAPTER_CONFIG).read_text())
-        log.debug("saved adapter with config %s", config)
+        if meta is not None:
+            (tmp / TUNELAB_META).write_text(json.dumps(meta, indent=2) + "\n")
     return out_dir
+
+
+def adapter_meta(path: str | Path) -> dict[str, Any]:
+    """What tunelab recorded about an adapter's base; ``{}`` for adapters made elsewhere."""
+    file = resolve_adapter_dir(path) / TUNELAB_META
+    return json.loads(file.read_text()) if file.is_file() else {}
 
 
 def merge_adapter(model: Any) -> torch.nn.Module:

@@ -25,7 +25,7 @@ TRAIN_FLAGS: dict[str, tuple[str, type]] = {
     "--grad-accum": ("grad_accum", int), "--max-length": ("max_length", int),
     "--save-every": ("save_every", int), "--eval-every": ("eval_every", int),
     "--seed": ("seed", int), "--lora-r": ("lora_r", int), "--format": ("format", str),
-    "--device": ("device", str), "--dtype": ("dtype", str),
+    "--device": ("device", str), "--dtype": ("dtype", str), "--base-bits": ("base_bits", int),
 }
 
 
@@ -102,9 +102,14 @@ def _add_train(sub: Any) -> None:
 def _load_for_inference(args: argparse.Namespace) -> tuple[Any, Any]:
     from tunelab import adapters, models
 
+    # An adapter trained on a quantized base runs on the same quantized base by default.
+    meta = adapters.adapter_meta(args.adapter) if args.adapter else {}
+    bits = args.base_bits or meta.get("base_bits", 16)
     model, tokenizer = models.load_model(args.model, device=args.device, dtype=args.dtype,
                                          allow_pickle=args.allow_pickle,
-                                         trust_remote_code=args.trust_remote_code)
+                                         trust_remote_code=args.trust_remote_code, bits=bits,
+                                         quant_type=meta.get("quant_type", "nf4"),
+                                         double_quant=meta.get("double_quant", True))
     if args.adapter:
         model = adapters.load_adapter(model, args.adapter)
     return model, tokenizer
@@ -117,6 +122,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--base-bits", type=int, choices=(4, 8, 16), default=None,
+                   help="load the base quantized (default: as the adapter was trained)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -193,9 +200,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from tunelab.merge import merge_to_checkpoint
 
     report = merge_to_checkpoint(args.model, args.adapter, Path(args.out),
-                                 allow_pickle=args.allow_pickle, device=args.device)
+                                 allow_pickle=args.allow_pickle, device=args.device,
+                                 requantize=args.requantize)
     print(f"merged checkpoint saved to {report['out']}")
-    print(f"max |logit difference| merged vs base+adapter: {report['max_abs_logit_diff']:.2e}")
+    print("max |logit difference| against base+adapter"
+          + (f" (the int{report['base_bits']} base it was trained on):"
+             if report["base_bits"] != 16 else ":"))
+    for path, diff in report["paths"].items():
+        print(f"  {diff:10.2e}  {path}")
     return 0
 
 
@@ -206,6 +218,8 @@ def _add_merge(sub: Any) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu")
     p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--requantize", choices=("nf4", "fp4", "int8"), default=None,
+                   help="also measure the merged model re-quantized")
     p.set_defaults(func=cmd_merge)
 
 

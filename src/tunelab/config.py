@@ -28,6 +28,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("auto", "fp32", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda", "mps"),
     "optimizer": ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw"),
+    "quant_type": ("nf4", "fp4"),
 }
 # (low, high, inclusive-low) for numeric keys.
 RANGES: dict[str, tuple[float, float | None]] = {
@@ -63,7 +64,9 @@ class TrainConfig:
     target_modules: str | list[str] = "all-linear"
     use_rslora: bool = False
     use_dora: bool = False
-    base_bits: int = 16
+    base_bits: int = 16  # 4 or 8: a frozen quantized base (bitsandbytes); 16: unquantized
+    quant_type: str = "nf4"  # 4-bit code: nf4 (QLoRA) or fp4
+    double_quant: bool = True  # quantize the 4-bit block scales too (QLoRA)
     # optimisation
     optimizer: str = "adamw"
     lr: float = 2e-4
@@ -176,6 +179,9 @@ def _check_combination(cfg: TrainConfig) -> None:
                           "base_bits, or base_bits: 16 for full fine-tuning")
     if cfg.method == "qlora" and cfg.base_bits == 16:
         cfg.base_bits = 4
+    if cfg.method == "qlora" and cfg.base_bits != 4:
+        raise ConfigError(f"method: qlora means a 4-bit base, not base_bits: {cfg.base_bits}; "
+                          "for an 8-bit base use method: lora with base_bits: 8")
     if cfg.warmup_steps and cfg.warmup_ratio:
         raise ConfigError("set warmup_steps or warmup_ratio, not both")
     if cfg.use_dora and cfg.method == "full":

@@ -210,9 +210,15 @@ def load_model(
     dtype: str = "auto",
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
-    quantization_config: Any | None = None,
+    bits: int = 16,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
 ) -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)`` ready for training or generation on the chosen device."""
+    """Load ``(model, tokenizer)`` ready for training or generation on the chosen device.
+
+    ``bits`` 4 or 8 loads the linear layers quantized through bitsandbytes (see
+    ``tunelab.quant``); they compute in the run's dtype (fp32 on CPU, bf16 on CUDA).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model(spec)
@@ -222,8 +228,11 @@ def load_model(
     torch_dtype = pick_dtype(dtype, dev)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
                               "use_safetensors": None if allow_pickle else True}
-    if quantization_config is not None:
-        kwargs["quantization_config"] = quantization_config
+    if bits != 16:
+        from tunelab.quant import bnb_config
+
+        kwargs["quantization_config"] = bnb_config(bits, torch_dtype, quant_type=quant_type,
+                                                   double_quant=double_quant)
         kwargs["device_map"] = {"": dev}
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -235,7 +244,7 @@ def load_model(
             raise ModelError(f"model '{spec}' needs its own code; pass --trust-remote-code "
                              "(trust_remote_code: true) only if you trust it") from exc
         raise ModelError(f"cannot load model '{spec}': {exc}") from exc
-    if quantization_config is None:
+    if bits == 16:
         model.to(dev)
     fix_special_tokens(tokenizer, model)
     model.tunelab_source = source  # so model cards can name what was loaded

@@ -99,8 +99,17 @@ def prepare_model(cfg: TrainConfig) -> tuple[torch.nn.Module, Any]:
     """Load the base and make the right parameters trainable for ``cfg.method``."""
     model, tokenizer = models.load_model(cfg.model, device=cfg.device, dtype=cfg.dtype,
                                          allow_pickle=cfg.allow_pickle,
-                                         trust_remote_code=cfg.trust_remote_code)
-    if cfg.grad_ckpt:
+                                         trust_remote_code=cfg.trust_remote_code,
+                                         bits=cfg.base_bits, quant_type=cfg.quant_type,
+                                         double_quant=cfg.double_quant)
+    if cfg.base_bits != 16:
+        from peft import prepare_model_for_kbit_training
+
+        # Norms to fp32 and input gradients on, so checkpointing works through the frozen base.
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.grad_ckpt,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.method == "full":
         for p in model.parameters():
@@ -179,11 +188,13 @@ def save_weights(model: torch.nn.Module, tokenizer: Any, cfg: TrainConfig, folde
         base_model=cfg.model, licence=source.licence_hint if source else None,
         data=cfg.data, method=cfg.method,
         hyperparameters={k: cfg.to_dict()[k] for k in (
-            "method", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr",
+            "method", "base_bits", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr",
             "batch_size", "grad_accum", "max_length", "seed", "schedule", "train_on")},
         metrics=metrics)
     if cfg.is_lora:
-        return adapters.save_adapter(model, folder, card=card)
+        meta = {"base_model": cfg.model, "method": cfg.method, "base_bits": cfg.base_bits,
+                "quant_type": cfg.quant_type, "double_quant": cfg.double_quant}
+        return adapters.save_adapter(model, folder, card=card, meta=meta)
     with adapters.atomic_dir(folder) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
@@ -336,6 +347,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
     summary = {**asdict(result), "out": str(out), "weights_dir": str(weights_dir),
                "trainable_parameters": n_trainable, "total_parameters": n_total,
                "memory_parts": model_memory_parts(model, optimizer)}
+    if cfg.base_bits != 16:
+        from tunelab.quant import quantized_layer_memory
+
+        summary["quantized_layers"] = quantized_layer_memory(model)
     _write_json(out / "summary.json", summary)
     log.info("peak memory %s; %.0f tokens/s; weights in %s", fmt_bytes(peak), tokens_per_s,
              weights_dir)
