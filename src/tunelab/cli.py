@@ -17,6 +17,10 @@ from tunelab.errors import TunelabError
 
 log = logging.getLogger("tunelab")
 
+# torchrun options passed through by `tunelab train --nproc N` (multi-node rendezvous).
+TORCHRUN_OPTIONS = ("--nnodes", "--node-rank", "--rdzv-backend", "--rdzv-endpoint",
+                    "--rdzv-id", "--master-addr", "--master-port", "--max-restarts")
+
 # CLI flag -> config key, for the common case (`tunelab train --model ... --data ...`).
 TRAIN_FLAGS: dict[str, tuple[str, type]] = {
     "--model": ("model", str), "--data": ("data", str), "--val-data": ("val_data", str),
@@ -29,8 +33,14 @@ TRAIN_FLAGS: dict[str, tuple[str, type]] = {
 }
 
 
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+    # Under torchrun only rank 0 talks; the others report warnings and errors.
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level if _is_main_process() else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("bitsandbytes", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -41,8 +51,42 @@ def _setup_logging(verbose: bool) -> None:
 # ------------------------------------------------------------------------------ train
 
 
+def _launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
+    """`tunelab train --nproc N ...`: run the same command under torchrun, N processes."""
+    import subprocess
+
+    from tunelab.distributed import torchrun_command
+
+    passthrough, rest, skip = [], [], False
+    for i, item in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        name = item.split("=", 1)[0]
+        if name == "--nproc":
+            skip = "=" not in item
+            continue
+        if name in TORCHRUN_OPTIONS:
+            passthrough.append(item if "=" in item else f"{item}={argv[i + 1]}")
+            skip = "=" not in item
+            continue
+        rest.append(item)
+    cmd = torchrun_command(args.nproc, rest, passthrough)
+    log.info("launching: %s", " ".join(cmd))
+    code = subprocess.call(cmd)
+    if code != 0:
+        raise TunelabError(
+            f"distributed training failed: a process exited with code {code} and torchrun "
+            "stopped the others (its log above names the rank). Checkpoints written so far "
+            "are kept; continue with --resume.")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from tunelab.config import build_config, load_yaml, parse_overrides
+
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_torchrun(args, args.raw_argv)
     from tunelab.memory import fmt_bytes
     from tunelab.train import train
 
@@ -70,6 +114,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = build_config(values, source=args.config_and_overrides[0]
                        if values and args.config_and_overrides else "command line")
     result = train(cfg, progress=not args.no_progress)
+    if not _is_main_process():
+        return 0
     print(f"trained {result.steps} steps in {result.train_seconds:.0f} s "
           f"({result.tokens_per_second:.0f} tokens/s), peak memory "
           f"{fmt_bytes(result.peak_memory_bytes)}")
@@ -93,6 +139,10 @@ def _add_train(sub: Any) -> None:
         p.add_argument(flag, type=typ, default=None)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="data-parallel processes on this node (runs torchrun)")
+    for option in TORCHRUN_OPTIONS:
+        p.add_argument(option, default=None, help="passed to torchrun")
     p.set_defaults(func=cmd_train)
 
 
@@ -257,11 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
         plan_cli = None
     if plan_cli is not None:
         plan_cli.add_parser(sub)
+    from tunelab.evaluate import cli as evaluate_cli
+
+    evaluate_cli.add_parsers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.raw_argv = argv
     _setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)

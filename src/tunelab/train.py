@@ -27,6 +27,7 @@ import math
 import os
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,9 @@ from typing import Any
 import torch
 
 from tunelab import adapters, checkpoint, data, models
+from tunelab import distributed as dist
 from tunelab.config import TrainConfig, save_config
-from tunelab.errors import TunelabError
+from tunelab.errors import ConfigError, TunelabError
 from tunelab.loss import TargetLoss, unwrap
 from tunelab.memory import fmt_bytes, model_memory_parts, peak_memory_bytes
 
@@ -95,9 +97,11 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def prepare_model(cfg: TrainConfig) -> tuple[torch.nn.Module, Any]:
+def prepare_model(cfg: TrainConfig, device: torch.device | None = None
+                  ) -> tuple[torch.nn.Module, Any]:
     """Load the base and make the right parameters trainable for ``cfg.method``."""
-    model, tokenizer = models.load_model(cfg.model, device=cfg.device, dtype=cfg.dtype,
+    model, tokenizer = models.load_model(cfg.model, device=str(device or cfg.device),
+                                         dtype=cfg.dtype,
                                          allow_pickle=cfg.allow_pickle,
                                          trust_remote_code=cfg.trust_remote_code,
                                          bits=cfg.base_bits, quant_type=cfg.quant_type,
@@ -140,9 +144,9 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 @torch.no_grad()
-def evaluate_loss(loss_fn: TargetLoss, examples: list[data.Example], batch_size: int,
-                  pad_id: int, device: torch.device) -> float:
-    """Mean loss per target token over a whole dataset."""
+def loss_sums(loss_fn: TargetLoss, examples: list[data.Example], batch_size: int,
+              pad_id: int, device: torch.device) -> tuple[float, int]:
+    """Summed loss and number of target tokens over a dataset (eval mode, no gradients)."""
     was_training = loss_fn.training
     loss_fn.eval()
     total, count = 0.0, 0
@@ -151,6 +155,13 @@ def evaluate_loss(loss_fn: TargetLoss, examples: list[data.Example], batch_size:
         total += float(loss_sum)
         count += int(n)
     loss_fn.train(was_training)
+    return total, count
+
+
+def evaluate_loss(loss_fn: TargetLoss, examples: list[data.Example], batch_size: int,
+                  pad_id: int, device: torch.device) -> float:
+    """Mean loss per target token over a whole dataset."""
+    total, count = loss_sums(loss_fn, examples, batch_size, pad_id, device)
     return total / max(1, count)
 
 
@@ -205,15 +216,73 @@ def save_weights(model: torch.nn.Module, tokenizer: Any, cfg: TrainConfig, folde
 # --------------------------------------------------------------------------- the loop
 
 
+@dataclass
+class StepResult:
+    loss: float  # mean loss per target token over the whole step (all micro-batches, ranks)
+    tokens: int  # non-padding tokens this process saw
+    targets: int  # target tokens of the whole step
+
+
+def train_step(step_fn: torch.nn.Module, micro: list[dict[str, torch.Tensor]],
+               device: torch.device, info: dist.DistInfo) -> StepResult:
+    """Forward and backward over one optimizer step's micro-batches (gradients accumulate).
+
+    Each micro-batch's summed loss is divided by N, the number of target tokens of the step
+    on all processes, so the accumulated gradient is that of the mean over every target
+    token. DDP averages gradients over the W processes, hence the factor W.
+    """
+    local_targets = sum(int((b["labels"][:, 1:] != data.IGNORE_INDEX).sum()) for b in micro)
+    n_targets = max(1.0, dist.all_reduce_sum(local_targets, info, device))
+    loss_total = 0.0
+    for i, batch in enumerate(micro):
+        # DDP syncs gradients on the last micro-batch only.
+        sync = nullcontext() if (i == len(micro) - 1 or not info.enabled) else step_fn.no_sync()
+        with sync:
+            loss_sum, _ = step_fn(**to_device(batch, device))
+            (loss_sum * (info.world / n_targets)).backward()
+        loss_total += float(loss_sum.detach())
+    loss_total = dist.all_reduce_sum(loss_total, info, device)
+    tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+    return StepResult(loss_total / n_targets, tokens, int(n_targets))
+
+
+def step_batches(train_set: list[data.Example], schedule: data.BatchSchedule, step: int,
+                 cfg: TrainConfig, pad_id: int, info: dist.DistInfo
+                 ) -> list[dict[str, torch.Tensor]]:
+    """This process's share of step ``step``: its slice of each global micro-batch."""
+    out = []
+    for j in range(cfg.grad_accum):
+        indices = schedule.indices(step * cfg.grad_accum + j)
+        mine = indices[info.rank * cfg.batch_size:(info.rank + 1) * cfg.batch_size]
+        if mine:
+            out.append(data.collate([train_set[i] for i in mine], pad_id))
+        else:  # an epoch's short last batch left this process nothing: join with no targets
+            empty = data.collate([train_set[indices[-1]]], pad_id)
+            empty["labels"].fill_(data.IGNORE_INDEX)
+            out.append(empty)
+    return out
+
+
+def validate(loss_fn: TargetLoss, val_set: list[data.Example], cfg: TrainConfig, pad_id: int,
+             device: torch.device, info: dist.DistInfo) -> float:
+    """Validation loss per target token; each process takes every W-th example."""
+    total, count = loss_sums(loss_fn, val_set[info.rank::info.world], cfg.eval_batch_size,
+                             pad_id, device)
+    total, count = dist.all_reduce_pair(total, count, info, device)
+    return total / max(1.0, count)
+
+
 def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
     """Run one training job described by ``cfg``; see the module docstring."""
     from tqdm.auto import tqdm
 
+    info = dist.init_distributed(models.pick_device(cfg.device))
+    device = dist.local_device(models.pick_device(cfg.device), info)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    model, tokenizer = prepare_model(cfg)
-    device = next(model.parameters()).device
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed + info.rank)  # dropout differs per process, data order does not
+    model, tokenizer = prepare_model(cfg, device)
     train_set, val_set, stats = load_datasets(cfg, tokenizer)
     log.info("data: %d train / %d validation examples; %d truncated, %d dropped (max_length %d)",
              len(train_set), len(val_set), stats.n_truncated, stats.n_dropped, cfg.max_length)
@@ -225,50 +294,56 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
              100 * n_trainable / n_total)
     optimizer = build_optimizer(cfg, trainable)
     loss_fn = TargetLoss(model).train()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    schedule = data.BatchSchedule(len(train_set), cfg.batch_size, cfg.seed)
-    steps = total_steps(cfg, len(train_set))
+    step_fn: torch.nn.Module = loss_fn
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
 
-    state = checkpoint.TrainState()
+        step_fn = DistributedDataParallel(
+            loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    global_batch = cfg.batch_size * info.world
+    schedule = data.BatchSchedule(len(train_set), global_batch, cfg.seed)
+    steps = total_steps(cfg, len(train_set) // info.world)
+
+    state = checkpoint.TrainState(extra={"global_batch": global_batch})
     resume_from = checkpoint.latest_checkpoint(out) if cfg.resume else None
     if resume_from is not None:
         state = checkpoint.load_checkpoint(resume_from, model, optimizer)
+        _check_resume_batch(state, global_batch, info)
         log.info("resumed from %s (step %d)", resume_from, state.step)
     elif cfg.resume:
         log.warning("--resume: no checkpoint in %s, starting from scratch", out)
-    save_config(cfg, out / "run_config.json")
-    metrics_log = MetricsLog(out / "metrics.jsonl", state.step if resume_from else 0)
+    dist.barrier(info)  # nobody writes before every process has read the checkpoint
+    metrics_log = None
+    if info.is_main:
+        save_config(cfg, out / "run_config.json")
+        metrics_log = MetricsLog(out / "metrics.jsonl", state.step if resume_from else 0)
 
     stop_requested = {"flag": False}
 
     def request_stop(signum: int, frame: Any) -> None:  # Ctrl-C / SIGTERM: finish the step
         stop_requested["flag"] = True
 
-    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    bar = tqdm(total=steps, initial=state.step, disable=not progress, desc="train",
-               unit="step", dynamic_ncols=True)
+    # Under torchrun a SIGTERM means a peer failed: die at once rather than wait in a
+    # collective for a process that is gone.
+    signals = (signal.SIGINT,) if info.enabled else (signal.SIGINT, signal.SIGTERM)
+    old_handlers = {s: signal.signal(s, request_stop) for s in signals}
+    bar = tqdm(total=steps, initial=state.step, disable=not (progress and info.is_main),
+               desc="train", unit="step", dynamic_ncols=True)
     last_train_loss = last_val_loss = None
     window_tokens, window_start = 0, time.perf_counter()
     last_saved = state.step if resume_from else -1
     try:
-        while state.step < steps and not stop_requested["flag"]:
+        while state.step < steps and not _should_stop(stop_requested, info, device):
             step_start = time.perf_counter()
             lr = lr_at(state.step, cfg, steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro = [data.collate([train_set[i] for i in schedule.indices(
-                state.step * cfg.grad_accum + j)], pad_id) for j in range(cfg.grad_accum)]
-            n_step_targets = sum(int((b["labels"][:, 1:] != data.IGNORE_INDEX).sum())
-                                 for b in micro)
-            loss_total = 0.0
-            for batch in micro:
-                loss_sum, _ = loss_fn(**to_device(batch, device))
-                (loss_sum / n_step_targets).backward()
-                loss_total += float(loss_sum.detach())
-            train_loss = loss_total / n_step_targets
-            if not math.isfinite(train_loss):
+            micro = step_batches(train_set, schedule, state.step, cfg, pad_id, info)
+            result = train_step(step_fn, micro, device, info)
+            if not math.isfinite(result.loss):
                 raise TrainingDiverged(
-                    f"loss is {train_loss} at step {state.step + 1}; stopping. The last good "
+                    f"loss is {result.loss} at step {state.step + 1}; stopping. The last good "
                     f"checkpoint is kept in {checkpoint.checkpoint_root(out)}. Lower lr "
                     f"(now {cfg.lr}) or check the data.")
             if cfg.grad_clip > 0:
@@ -276,42 +351,41 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-            n_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
             state.step += 1
-            state.tokens_seen += n_tokens
-            state.target_tokens_seen += n_step_targets
-            state.train_seconds += time.perf_counter() - step_start
-            window_tokens += n_tokens
-            last_train_loss = train_loss
+            state.tokens_seen += result.tokens * info.world
+            state.target_tokens_seen += result.targets
+            step_seconds = time.perf_counter() - step_start
+            state.train_seconds += step_seconds
+            window_tokens += result.tokens * info.world
+            last_train_loss = result.loss
             record: dict[str, Any] = {
-                "step": state.step, "epoch": round(schedule.epoch_of(state.step * cfg.grad_accum),
-                                                   4),
-                "train_loss": train_loss, "lr": lr, "tokens": state.tokens_seen,
+                "step": state.step,
+                "epoch": round(schedule.epoch_of(state.step * cfg.grad_accum), 4),
+                "train_loss": result.loss, "lr": lr, "tokens": state.tokens_seen,
                 "target_tokens": state.target_tokens_seen,
-                "tokens_per_s": n_tokens / max(1e-9, time.perf_counter() - step_start),
+                "tokens_per_s": result.tokens * info.world / max(1e-9, step_seconds),
                 "peak_memory": peak_memory_bytes(device),
             }
-            do_eval = val_set and cfg.eval_every and (state.step % cfg.eval_every == 0
-                                                      or state.step == steps)
-            if do_eval:
-                last_val_loss = evaluate_loss(loss_fn, val_set, cfg.eval_batch_size, pad_id,
-                                              device)
+            if val_set and cfg.eval_every and (state.step % cfg.eval_every == 0
+                                               or state.step == steps):
+                last_val_loss = validate(loss_fn, val_set, cfg, pad_id, device, info)
                 record["val_loss"] = last_val_loss
                 if state.best_val_loss is None or last_val_loss < state.best_val_loss:
                     state.best_val_loss, state.best_step = last_val_loss, state.step
                     state.evals_without_improvement = 0
-                    save_weights(model, tokenizer, cfg, out / "best",
-                                 {"step": state.step, "val_loss": round(last_val_loss, 4)})
+                    if info.is_main:
+                        save_weights(model, tokenizer, cfg, out / "best",
+                                     {"step": state.step, "val_loss": round(last_val_loss, 4)})
                 else:
                     state.evals_without_improvement += 1
-            metrics_log.write(record)
+            if metrics_log is not None:
+                metrics_log.write(record)
             elapsed = time.perf_counter() - window_start
-            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{window_tokens / elapsed:.0f}",
+            bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{window_tokens / elapsed:.0f}",
                             **({"val": f"{last_val_loss:.4f}"} if last_val_loss else {}))
             bar.update(1)
             if cfg.save_every and state.step % cfg.save_every == 0:
-                _check_finite(trainable, state.step, out)
-                checkpoint.save_checkpoint(out, model, optimizer, state, cfg.keep_checkpoints)
+                _save_checkpoint(out, model, optimizer, state, cfg, trainable, info)
                 last_saved = state.step
             if (cfg.early_stopping_patience
                     and state.evals_without_improvement >= cfg.early_stopping_patience):
@@ -320,23 +394,25 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
                 break
     finally:
         bar.close()
-        metrics_log.close()
+        if metrics_log is not None:
+            metrics_log.close()
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
 
     interrupted = stop_requested["flag"] and state.step < steps
-    _check_finite(trainable, state.step, out)
     if last_saved != state.step and (interrupted or cfg.save_every):
-        checkpoint.save_checkpoint(out, model, optimizer, state, cfg.keep_checkpoints)
+        _save_checkpoint(out, model, optimizer, state, cfg, trainable, info)
     if interrupted:
         log.warning("interrupted at step %d; checkpoint saved. Continue with --resume.",
                     state.step)
+    _check_finite(trainable, state.step, out)
     peak = peak_memory_bytes(device)
     final_metrics = {"steps": state.step, "train_loss": _round(last_train_loss),
                      "val_loss": _round(last_val_loss), "best_val_loss":
                      _round(state.best_val_loss), "best_step": state.best_step}
     weights_dir = out / ("adapter" if cfg.is_lora else "model")
-    save_weights(model, tokenizer, cfg, weights_dir, final_metrics)
+    if info.is_main:
+        save_weights(model, tokenizer, cfg, weights_dir, final_metrics)
     tokens_per_s = state.tokens_seen / max(1e-9, state.train_seconds)
     result = RunResult(out=out, weights_dir=weights_dir, steps=state.step,
                        final_train_loss=last_train_loss, final_val_loss=last_val_loss,
@@ -344,17 +420,52 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
                        train_seconds=state.train_seconds, tokens_per_second=tokens_per_s,
                        peak_memory_bytes=peak, data_stats=stats.as_dict(),
                        interrupted=interrupted)
-    summary = {**asdict(result), "out": str(out), "weights_dir": str(weights_dir),
-               "trainable_parameters": n_trainable, "total_parameters": n_total,
-               "memory_parts": model_memory_parts(model, optimizer)}
-    if cfg.base_bits != 16:
-        from tunelab.quant import quantized_layer_memory
+    if info.is_main:
+        summary = {**asdict(result), "out": str(out), "weights_dir": str(weights_dir),
+                   "trainable_parameters": n_trainable, "total_parameters": n_total,
+                   "processes": info.world, "memory_parts": model_memory_parts(model, optimizer)}
+        if cfg.base_bits != 16:
+            from tunelab.quant import quantized_layer_memory
 
-        summary["quantized_layers"] = quantized_layer_memory(model)
-    _write_json(out / "summary.json", summary)
-    log.info("peak memory %s; %.0f tokens/s; weights in %s", fmt_bytes(peak), tokens_per_s,
-             weights_dir)
+            summary["quantized_layers"] = quantized_layer_memory(model)
+        _write_json(out / "summary.json", summary)
+        log.info("peak memory %s; %.0f tokens/s; weights in %s", fmt_bytes(peak), tokens_per_s,
+                 weights_dir)
+    dist.barrier(info)
+    dist.shutdown(info)
+    from tunelab.report.run import write_run_report
+    write_run_report(out)
     return result
+
+
+def _should_stop(flag: dict[str, bool], info: dist.DistInfo, device: torch.device) -> bool:
+    """Every process stops at the same step, whichever of them was interrupted."""
+    if not info.enabled:
+        return flag["flag"]
+    flag["flag"] = dist.all_reduce_sum(int(flag["flag"]), info, device) > 0
+    return flag["flag"]
+
+
+def _check_resume_batch(state: checkpoint.TrainState, global_batch: int,
+                        info: dist.DistInfo) -> None:
+    saved = state.extra.get("global_batch", global_batch)
+    if saved != global_batch:
+        raise ConfigError(
+            f"the checkpoint was trained with a global batch of {saved} examples per "
+            f"micro-batch; {info.world} process(es) x batch_size {global_batch // info.world} "
+            f"gives {global_batch}. Set batch_size to {saved // info.world} to resume "
+            "on this number of processes.")
+    state.extra["global_batch"] = global_batch
+
+
+def _save_checkpoint(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     state: checkpoint.TrainState, cfg: TrainConfig,
+                     trainable: list[torch.nn.Parameter], info: dist.DistInfo) -> None:
+    """Rank 0 writes (DDP replicas are identical); everyone waits so none runs ahead."""
+    _check_finite(trainable, state.step, Path(cfg.out))
+    if info.is_main:
+        checkpoint.save_checkpoint(out, model, optimizer, state, cfg.keep_checkpoints)
+    dist.barrier(info)
 
 
 def _check_finite(params: list[torch.nn.Parameter], step: int, out: Path) -> None:

@@ -14,6 +14,9 @@ Names understood by :func:`get_metric`:
                                word boundaries
 ``json_valid``                 prediction parses as JSON (strict: the whole string must be JSON)
 ``json_valid_extract``         the first JSON object/array found anywhere in the prediction parses
+``json_exact``                 1 if the prediction parses (strict) to JSON equal to the parsed
+                               reference (:func:`json_equal`: key order and spacing do not matter,
+                               an extra or missing key does); per-field scores for the report
 ``json_fields``                fraction of the reference object's top-level keys whose value the
                                prediction reproduces exactly (strict parse)
 ``json_fields_extract``        same, extracting the first JSON object from surrounding text
@@ -254,6 +257,25 @@ def json_field_scores(prediction: str, reference: str | Mapping[str, Any], *,
     return JsonFieldScore(mean=mean, fields=fields)
 
 
+def json_exact(prediction: str, reference: str, *, extract: bool = False) -> float:
+    """1.0 if the prediction parses as JSON equal (:func:`json_equal`) to the parsed reference.
+
+    Stricter than ``json_fields == 1``: an extra key in the prediction fails. This is what a
+    program that consumes the model's output needs. Raises
+    :class:`~tunelab.errors.DataError` if the reference is not valid JSON.
+    """
+    try:
+        ref = _loads_strict(reference.strip())
+    except ValueError as exc:
+        raise DataError(f"json_exact needs JSON as the reference, got {reference[:80]!r} "
+                        f"({exc})", field="reference") from exc
+    try:
+        pred = parse_json_prediction(prediction, extract=extract)
+    except ValueError:
+        return 0.0
+    return float(json_equal(pred, ref))
+
+
 def json_fields(prediction: str, reference: str, *, extract: bool = False) -> float:
     """Mean of :func:`json_field_scores` (fraction of reference keys matched exactly)."""
     return json_field_scores(prediction, reference, extract=extract).mean
@@ -374,6 +396,9 @@ _NAMED: dict[str, Callable[[], Metric]] = {
     "json_valid": lambda: Metric("json_valid", _simple(json_valid)),
     "json_valid_extract": lambda: Metric(
         "json_valid_extract", lambda p, r, example=None: json_valid(p, r, extract=True)),
+    "json_exact": lambda: Metric(
+        "json_exact", lambda p, r, example=None: json_exact(p, r),
+        field_fn=lambda p, r: json_field_scores(p, r).fields),
     "json_fields": lambda: _json_fields_metric("json_fields", extract=False),
     "json_fields_extract": lambda: _json_fields_metric("json_fields_extract", extract=True),
     "rouge_l": lambda: Metric("rouge_l", _simple(rouge_l)),

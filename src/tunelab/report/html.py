@@ -31,6 +31,8 @@ floats become ``null``. ``report.json`` holds exactly this converted dict.
         train_time_s: float|None, peak_memory_bytes: int|None}]
         (per_example / example_ids may be present; they go to report.json only)
     field_scores: {system name: {field: mean score}}    from metrics.field_means()
+    metric_table: {system name: {metric name: value}}   every metric (and e.g. the
+                                    reference loss) per system, one row per system
     curves: {
         records: [{step: int, train_loss: float|None, val_loss: float|None, ...}],
         overfit: OverfitFlag | {detected, start_step, best_step, best_val_loss, message}}
@@ -347,6 +349,20 @@ def _section_fields(field_scores: Mapping[str, Any]) -> str:
             f"where each field of the reference is reproduced exactly.</p>{table}</section>")
 
 
+def _section_metric_table(table: Mapping[str, Any]) -> str:
+    systems = [s for s, v in table.items() if isinstance(v, Mapping)]
+    columns: list[str] = []
+    for s in systems:
+        columns.extend(c for c in table[s] if c not in columns)
+    if not columns:
+        return ""
+    rows = [[_e(s), *(_e(_num(table[s].get(c), ".3g")) for c in columns)] for s in systems]
+    body = _table(["System", *(f"<code>{_e(c)}</code>" for c in columns)], rows,
+                  numeric=tuple(range(1, len(columns) + 1)))
+    return (f'<section id="metrics"><h2>All metrics</h2><p class="muted">Mean per-example '
+            f"score of every metric (the comparison above uses the first).</p>{body}</section>")
+
+
 def _section_curves(curves: Mapping[str, Any]) -> str:
     records = [r for r in curves.get("records", []) if isinstance(r, Mapping)]
 
@@ -496,6 +512,8 @@ def render_html(report: Mapping[str, Any]) -> str:
     if systems:
         parts.append(_section_scores(report, systems))
         parts.append(_section_compare(report, systems))
+    if isinstance(report.get("metric_table"), Mapping):
+        parts.append(_section_metric_table(report["metric_table"]))
     if isinstance(report.get("field_scores"), Mapping):
         parts.append(_section_fields(report["field_scores"]))
     if isinstance(report.get("curves"), Mapping):
