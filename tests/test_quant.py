@@ -182,3 +182,22 @@ def test_qlora_on_smollm2_trains_and_holds_quantized_weights_small(tmp_path):
     layers = json.loads((result.out / "summary.json").read_text())["quantized_layers"]
     # measured on the loaded model: packed NF4 + double-quantized scales vs the same in bf16
     assert layers["ratio_to_bf16"] <= 0.30, layers
+
+
+def test_quantize_saves_loadable_checkpoints_and_measures_each_format(tiny_model_dir, tmp_path):
+    from tunelab.quantize import format_table, quantize
+
+    # no double quantization: its 256-entry fp32 codebook per layer outweighs tiny layers
+    rows = quantize(str(tiny_model_dir), ["nf4", "int8"], tmp_path, device="cpu",
+                    double_quant=False)
+    assert [r.format for r in rows] == ["fp32", "bf16", "nf4", "int8"]
+    by = {r.format: r for r in rows}
+    assert by["fp32"].bits_per_param == pytest.approx(32, rel=0.01)
+    assert by["bf16"].bits_per_param == pytest.approx(16, rel=0.01)
+    assert by["nf4"].weight_bytes < by["int8"].weight_bytes < by["bf16"].weight_bytes
+    assert by["fp32"].perplexity_delta == 0 and all(r.perplexity > 1 for r in rows)
+    for fmt in ("nf4", "int8"):
+        reloaded = AutoModelForCausalLM.from_pretrained(by[fmt].path, device_map={"": "cpu"})
+        assert any(quant.is_quantized_linear(m) for m in reloaded.modules())
+    table = format_table(rows, double_quant=True)
+    assert "bits/param" in table and "saved nf4" in table

@@ -85,7 +85,9 @@ def _check_adapter_fits(model: torch.nn.Module, adapter_dir: Path) -> None:
             raise ModelError(f"{adapter_dir} holds a pickle adapter (adapter_model.bin); "
                              "convert it to safetensors or load it with plain peft if trusted")
         raise ModelError(f"{adapter_dir} has no adapter_model.safetensors")
-    modules = dict(model.named_modules())
+    # a model already wrapped by peft (a second adapter) names its modules under the base
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    modules = dict(base.named_modules())
     with safe_open(str(weights), framework="pt") as f:
         for key in f.keys():
             if ".lora_A." not in key:

@@ -273,6 +273,37 @@ def _add_merge(sub: Any) -> None:
     p.set_defaults(func=cmd_merge)
 
 
+# --------------------------------------------------------------------------- quantize
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from tunelab.quantize import format_table, quantize, write_json
+
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    rows = quantize(args.model, args.to or ["nf4", "int8"], out,
+                    double_quant=not args.no_double_quant, device=args.device)
+    print(format_table(rows, double_quant=not args.no_double_quant))
+    json_path = Path(args.json) if args.json else (out / "quantize.json" if out else None)
+    if json_path is not None:
+        write_json(rows, json_path)
+        print(f"table written to {json_path}")
+    return 0
+
+
+def _add_quantize(sub: Any) -> None:
+    p = sub.add_parser("quantize", help="quantized checkpoints and their trade-offs measured")
+    p.add_argument("model", nargs="?", default="smollm2-135m")
+    p.add_argument("--to", action="append", choices=("nf4", "fp4", "int8"),
+                   help="format (repeatable; default nf4 and int8)")
+    p.add_argument("--no-double-quant", action="store_true")
+    p.add_argument("--out", default=None, help="folder for the quantized checkpoints")
+    p.add_argument("--json", default=None, help="also write the table as JSON here")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_quantize)
+
+
 # ------------------------------------------------------------------------- quickstart
 
 
@@ -301,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_merge(sub)
     _add_quickstart(sub)
+    _add_quantize(sub)
     try:
         from tunelab.plan import cli as plan_cli
     except ImportError:  # planner not installed in this build
@@ -310,6 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     from tunelab.evaluate import cli as evaluate_cli
 
     evaluate_cli.add_parsers(sub)
+    from tunelab import export
+    from tunelab.serve import cli as serve_cli
+
+    serve_cli.add_parser(sub)
+    export.add_parser(sub)
     return parser
 
 

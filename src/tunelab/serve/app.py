@@ -27,6 +27,11 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from tunelab.errors import TunelabError
 from tunelab.serve.engine import (
     Completion,
@@ -152,11 +157,6 @@ def create_app(engine: Engine, *, api_key: str | None = None, admin: bool = Fals
                adapter_dirs: Sequence[str | Path] = (), max_request_bytes: int = 1 << 20,
                max_tokens_limit: int = 1024, default_max_tokens: int = 256) -> Any:
     """A FastAPI app serving ``engine``; it starts the engine's worker if it is not running."""
-    from fastapi import Depends, FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
     if admin and not adapter_dirs:
         raise TunelabError("the admin endpoint needs at least one --adapter-dir to load from")
     allowed = [Path(d).expanduser().resolve() for d in adapter_dirs]
