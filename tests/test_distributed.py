@@ -109,3 +109,16 @@ def test_a_process_that_dies_fails_the_run_fast(tiny_model_dir, qa_data, tmp_pat
     assert time.time() - killed_at < 90
     assert proc.returncode == 2
     assert "distributed training failed" in err and "--resume" in err
+
+
+def test_fsdp_full_finetuning_matches_one_process_and_resumes_in_one(tiny_model_dir, qa_data,
+                                                                     tmp_path):
+    full = ["method=full", "--lr", "1e-2"]
+    sharded = tmp_path / "fsdp"
+    _train(tiny_model_dir, qa_data, sharded, *full, "--save-every", "3", batch=2, steps=3,
+           nproc=2)  # parallel: auto shards full fine-tuning with FSDP2
+    assert (sharded / "model/model.safetensors").is_file()
+    _train(tiny_model_dir, qa_data, sharded, *full, "--resume", batch=4, steps=5)
+    _train(tiny_model_dir, qa_data, tmp_path / "ref", *full, batch=4, steps=5)
+    torch.testing.assert_close(torch.tensor(_losses(sharded)),
+                               torch.tensor(_losses(tmp_path / "ref")), rtol=1e-5, atol=1e-6)

@@ -203,7 +203,8 @@ TUNELAB_META = "tunelab.json"
 
 
 def save_adapter(model: Any, out_dir: Path, *, card: str | None = None,
-                 meta: dict[str, Any] | None = None) -> Path:
+                 meta: dict[str, Any] | None = None,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Save a PEFT model's adapter atomically to ``out_dir`` (safetensors).
 
     ``meta`` (base model spec, base quantization) goes to ``tunelab.json`` beside PEFT's
@@ -211,7 +212,8 @@ def save_adapter(model: Any, out_dir: Path, *, card: str | None = None,
     ignores the extra file.
     """
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        kwargs = {"state_dict": state_dict} if state_dict is not None else {}
+        model.save_pretrained(str(tmp), safe_serialization=True, **kwargs)
         if card is not None:
             (tmp / "README.md").write_text(card, encoding="utf-8")
         if meta is not None:

@@ -48,11 +48,12 @@ def checkpoint_root(out: Path) -> Path:
 
 
 def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state keyed by parameter name: tensors for safetensors, the rest for JSON."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
-    for index, slot in state_dict["state"].items():
+    for param, slot in state_dict["state"].items():
         for key, value in slot.items():
-            name = f"state.{index}.{key}"
+            name = f"state/{param}/{key}"  # parameter names hold dots, never slashes
             if isinstance(value, torch.Tensor):
                 tensors[name] = value.detach().cpu().contiguous()
             else:
@@ -61,13 +62,51 @@ def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tens
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[str, dict[str, Any]] = {}
     for name, value in list(tensors.items()) + list(meta["scalars"].items()):
-        if not name.startswith("state."):
-            continue
-        _, index, key = name.split(".", 2)
-        state.setdefault(int(index), {})[key] = value
+        if name.startswith("state/"):
+            _, param, key = name.split("/", 2)
+            state.setdefault(param, {})[key] = value
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _by_name(optim_sd: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """torch's index-keyed optimizer state -> keyed by parameter name (as FSDP's is)."""
+    return {"state": {names[i]: v for i, v in optim_sd["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                             for g in optim_sd["param_groups"]]}
+
+
+def _by_index(optim_sd: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    index = {n: i for i, n in enumerate(names)}
+    return {"state": {index[n]: v for n, v in optim_sd["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                             for g in optim_sd["param_groups"]]}
+
+
+def _trainable_names(model: torch.nn.Module) -> list[str]:
+    # The optimizer was built over the trainable parameters in this order (tunelab.train).
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded: bool
+                ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Full (unsharded) trainable weights and optimizer state, keyed by parameter name.
+
+    Sharded (FSDP) state is gathered with torch.distributed.checkpoint: a collective that
+    every process must call; rank 0 receives the tensors on CPU.
+    """
+    if not sharded:
+        names = _trainable_names(model)
+        return trainable_state(model), _by_name(optimizer.state_dict(), names)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    weights, optim_sd = get_state_dict(model, optimizer, options=options)
+    # The gathered dict lists tied weights (lm_head = embeddings) twice; keep the names
+    # named_parameters uses, as the unsharded path does.
+    names = {n for n, _ in model.named_parameters()}
+    return {k: v.contiguous() for k, v in weights.items() if k in names}, optim_sd
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:
@@ -93,12 +132,17 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: TrainState, keep: int) -> Path:
+                    state: TrainState, keep: int, *, sharded: bool = False,
+                    write: bool = True) -> Path:
+    """Write a checkpoint; with ``sharded`` every process calls this, only ``write`` writes."""
     root = checkpoint_root(out)
     final = root / f"step-{state.step:08d}"
-    tensors, meta = _flatten_optimizer(optimizer.state_dict())
+    weights, optim_sd = _full_state(model, optimizer, sharded)
+    if not write:
+        return final
+    tensors, meta = _flatten_optimizer(optim_sd)
     with atomic_dir(final) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file(weights, str(tmp / "trainable.safetensors"))
         save_file({**tensors, **_rng_tensors()}, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"train": asdict(state), "optimizer": meta},
                                                    indent=1))
@@ -132,19 +176,30 @@ def latest_checkpoint(out: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer) -> TrainState:
-    """Restore weights, optimizer and RNG from a checkpoint; return its counters."""
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    *, sharded: bool = False) -> TrainState:
+    """Restore weights, optimizer and RNG from a checkpoint; return its counters.
+
+    Checkpoints hold full tensors keyed by parameter name, so one written by N processes
+    (replicated or sharded) loads into any number of processes.
+    """
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
     if missing:
         raise RuntimeError(f"checkpoint {path} does not match this model: {missing[:3]}")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
     meta = json.loads((path / "state.json").read_text())
     tensors = load_file(str(path / "optimizer.safetensors"))
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    optim_sd = _unflatten_optimizer(tensors, meta["optimizer"])
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim_sd,
+                       options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(_by_index(optim_sd, _trainable_names(model)))
     _restore_rng(tensors)
     return TrainState(**meta["train"])

@@ -29,6 +29,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda", "mps"),
     "optimizer": ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw"),
     "quant_type": ("nf4", "fp4"),
+    "parallel": ("auto", "ddp", "fsdp"),
 }
 # (low, high, inclusive-low) for numeric keys.
 RANGES: dict[str, tuple[float, float | None]] = {
@@ -94,6 +95,8 @@ class TrainConfig:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     resume: bool = False
+    # data parallelism under torchrun: auto = FSDP2 for full fine-tuning, DDP for LoRA
+    parallel: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -184,6 +187,9 @@ def _check_combination(cfg: TrainConfig) -> None:
                           "for an 8-bit base use method: lora with base_bits: 8")
     if cfg.warmup_steps and cfg.warmup_ratio:
         raise ConfigError("set warmup_steps or warmup_ratio, not both")
+    if cfg.parallel == "fsdp" and cfg.base_bits != 16:
+        raise ConfigError("parallel: fsdp shards an unquantized base; with a quantized base "
+                          "use parallel: ddp (the 4-bit weights are small to replicate)")
     if cfg.use_dora and cfg.method == "full":
         raise ConfigError("use_dora is a LoRA option; it has no meaning with method: full")
 

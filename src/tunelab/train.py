@@ -192,8 +192,20 @@ class MetricsLog:
 
 
 def save_weights(model: torch.nn.Module, tokenizer: Any, cfg: TrainConfig, folder: Path,
-                 metrics: dict[str, Any]) -> Path:
-    """The final (or best) weights: a PEFT adapter, or a full HF checkpoint."""
+                 metrics: dict[str, Any], *, info: dist.DistInfo | None = None,
+                 sharded: bool = False) -> Path:
+    """The final (or best) weights: a PEFT adapter, or a full HF checkpoint.
+
+    Under FSDP every process takes part in gathering the full weights; rank 0 writes.
+    """
+    state_dict = None
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state_dict = get_model_state_dict(model, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=cfg.is_lora))
+    if info is not None and not info.is_main:
+        return folder
     source = getattr(unwrap(model), "tunelab_source", None)
     card = adapters.model_card(
         base_model=cfg.model, licence=source.licence_hint if source else None,
@@ -205,9 +217,9 @@ def save_weights(model: torch.nn.Module, tokenizer: Any, cfg: TrainConfig, folde
     if cfg.is_lora:
         meta = {"base_model": cfg.model, "method": cfg.method, "base_bits": cfg.base_bits,
                 "quant_type": cfg.quant_type, "double_quant": cfg.double_quant}
-        return adapters.save_adapter(model, folder, card=card, meta=meta)
+        return adapters.save_adapter(model, folder, card=card, meta=meta, state_dict=state_dict)
     with adapters.atomic_dir(folder) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(str(tmp))
         (tmp / "README.md").write_text(card, encoding="utf-8")
     return folder
@@ -236,7 +248,8 @@ def train_step(step_fn: torch.nn.Module, micro: list[dict[str, torch.Tensor]],
     loss_total = 0.0
     for i, batch in enumerate(micro):
         # DDP syncs gradients on the last micro-batch only.
-        sync = nullcontext() if (i == len(micro) - 1 or not info.enabled) else step_fn.no_sync()
+        last = i == len(micro) - 1
+        sync = step_fn.no_sync() if hasattr(step_fn, "no_sync") and not last else nullcontext()
         with sync:
             loss_sum, _ = step_fn(**to_device(batch, device))
             (loss_sum * (info.world / n_targets)).backward()
@@ -292,14 +305,13 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
     n_total = sum(p.numel() for p in model.parameters())
     log.info("trainable parameters: %s of %s (%.3f%%)", f"{n_trainable:,}", f"{n_total:,}",
              100 * n_trainable / n_total)
-    optimizer = build_optimizer(cfg, trainable)
     loss_fn = TargetLoss(model).train()
-    step_fn: torch.nn.Module = loss_fn
-    if info.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        step_fn = DistributedDataParallel(
-            loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
+    sharded = info.enabled and (cfg.parallel == "fsdp" or (cfg.parallel == "auto"
+                                                           and cfg.method == "full"))
+    step_fn = wrap_data_parallel(loss_fn, info, device, sharded)
+    # after sharding: FSDP replaces parameters by sharded DTensors the optimizer must own
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(cfg, trainable)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     global_batch = cfg.batch_size * info.world
     schedule = data.BatchSchedule(len(train_set), global_batch, cfg.seed)
@@ -308,7 +320,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
     state = checkpoint.TrainState(extra={"global_batch": global_batch})
     resume_from = checkpoint.latest_checkpoint(out) if cfg.resume else None
     if resume_from is not None:
-        state = checkpoint.load_checkpoint(resume_from, model, optimizer)
+        state = checkpoint.load_checkpoint(resume_from, model, optimizer, sharded=sharded)
         _check_resume_batch(state, global_batch, info)
         log.info("resumed from %s (step %d)", resume_from, state.step)
     elif cfg.resume:
@@ -373,9 +385,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
                 if state.best_val_loss is None or last_val_loss < state.best_val_loss:
                     state.best_val_loss, state.best_step = last_val_loss, state.step
                     state.evals_without_improvement = 0
-                    if info.is_main:
-                        save_weights(model, tokenizer, cfg, out / "best",
-                                     {"step": state.step, "val_loss": round(last_val_loss, 4)})
+                    save_weights(model, tokenizer, cfg, out / "best",
+                                 {"step": state.step, "val_loss": round(last_val_loss, 4)},
+                                 info=info, sharded=sharded)
                 else:
                     state.evals_without_improvement += 1
             if metrics_log is not None:
@@ -385,7 +397,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
                             **({"val": f"{last_val_loss:.4f}"} if last_val_loss else {}))
             bar.update(1)
             if cfg.save_every and state.step % cfg.save_every == 0:
-                _save_checkpoint(out, model, optimizer, state, cfg, trainable, info)
+                _save_checkpoint(out, model, optimizer, state, cfg, trainable, info, sharded)
                 last_saved = state.step
             if (cfg.early_stopping_patience
                     and state.evals_without_improvement >= cfg.early_stopping_patience):
@@ -401,18 +413,17 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
 
     interrupted = stop_requested["flag"] and state.step < steps
     if last_saved != state.step and (interrupted or cfg.save_every):
-        _save_checkpoint(out, model, optimizer, state, cfg, trainable, info)
+        _save_checkpoint(out, model, optimizer, state, cfg, trainable, info, sharded)
     if interrupted:
         log.warning("interrupted at step %d; checkpoint saved. Continue with --resume.",
                     state.step)
-    _check_finite(trainable, state.step, out)
+    _check_finite(trainable, state.step, out, info, device)
     peak = peak_memory_bytes(device)
     final_metrics = {"steps": state.step, "train_loss": _round(last_train_loss),
                      "val_loss": _round(last_val_loss), "best_val_loss":
                      _round(state.best_val_loss), "best_step": state.best_step}
     weights_dir = out / ("adapter" if cfg.is_lora else "model")
-    if info.is_main:
-        save_weights(model, tokenizer, cfg, weights_dir, final_metrics)
+    save_weights(model, tokenizer, cfg, weights_dir, final_metrics, info=info, sharded=sharded)
     tokens_per_s = state.tokens_seen / max(1e-9, state.train_seconds)
     result = RunResult(out=out, weights_dir=weights_dir, steps=state.step,
                        final_train_loss=last_train_loss, final_val_loss=last_val_loss,
@@ -460,17 +471,44 @@ def _check_resume_batch(state: checkpoint.TrainState, global_batch: int,
 
 def _save_checkpoint(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                      state: checkpoint.TrainState, cfg: TrainConfig,
-                     trainable: list[torch.nn.Parameter], info: dist.DistInfo) -> None:
-    """Rank 0 writes (DDP replicas are identical); everyone waits so none runs ahead."""
-    _check_finite(trainable, state.step, Path(cfg.out))
-    if info.is_main:
-        checkpoint.save_checkpoint(out, model, optimizer, state, cfg.keep_checkpoints)
+                     trainable: list[torch.nn.Parameter], info: dist.DistInfo,
+                     sharded: bool) -> None:
+    """Rank 0 writes; sharded state is gathered by everyone first. Nobody runs ahead."""
+    device = trainable[0].device
+    _check_finite(trainable, state.step, Path(cfg.out), info, device)
+    if sharded or info.is_main:
+        checkpoint.save_checkpoint(out, model, optimizer, state, cfg.keep_checkpoints,
+                                   sharded=sharded, write=info.is_main)
     dist.barrier(info)
 
 
-def _check_finite(params: list[torch.nn.Parameter], step: int, out: Path) -> None:
+def wrap_data_parallel(loss_fn: TargetLoss, info: dist.DistInfo, device: torch.device,
+                       sharded: bool) -> torch.nn.Module:
+    """DDP (replicated weights, all-reduced gradients) or FSDP2 (weights, gradients and
+    optimizer state sharded over processes, each decoder layer gathered when it runs)."""
+    if not info.enabled:
+        return loss_fn
+    if sharded:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in getattr(loss_fn.backbone, "layers", []):
+            fully_shard(layer)
+        fully_shard(loss_fn)
+        return loss_fn
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(loss_fn,
+                                   device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _check_finite(params: list[torch.nn.Parameter], step: int, out: Path,
+                  info: dist.DistInfo | None = None, device: torch.device | None = None) -> None:
     """Refuse to save weights an update has made inf/NaN: the last good checkpoint stays."""
-    if not all(bool(torch.isfinite(p).all()) for p in params):
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]  # FSDP shards
+    bad = sum(0 if bool(torch.isfinite(p).all()) else 1 for p in local)
+    if info is not None and device is not None:
+        bad = dist.all_reduce_sum(bad, info, device)
+    if bad:
         raise TrainingDiverged(
             f"weights became NaN or infinite at step {step}; stopping without saving them. "
             f"The last good checkpoint is kept in {checkpoint.checkpoint_root(out)}. "
