@@ -352,7 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may come after flags (`train cfg.yaml --nproc 2 lr=1e-4`), which
+    # argparse's positional matching does not allow: collect them from the leftovers.
+    args, unknown = parser.parse_known_args(argv)
+    overrides = [u for u in unknown if "=" in u and not u.startswith("-")]
+    if args.command == "train":
+        args.config_and_overrides += overrides
+    rest = [u for u in unknown if args.command != "train" or u not in overrides]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.raw_argv = argv
     _setup_logging(args.verbose)
     try:
