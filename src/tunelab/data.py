@@ -270,6 +270,11 @@ def to_messages(record: Record, fmt: str) -> list[dict[str, str]] | None:
     if not any(m["role"] == "assistant" for m in out):
         raise DataError("conversation has no assistant turn, so nothing to learn from",
                         path=record.path, line=record.line, field="messages")
+    if out[0]["role"] == "assistant":
+        # Chat templates render the reply header only as part of a generation prompt, which
+        # needs a turn before it: there is no prompt to learn the reply from.
+        raise DataError("conversation starts with an assistant turn; put a user (or system) "
+                        "turn first", path=record.path, line=record.line, field="messages[0]")
     return out
 
 
@@ -294,7 +299,7 @@ def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]], record: Rec
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        prefix = render_prompt(tokenizer, messages[:i]) if i else ""
+        prefix = render_prompt(tokenizer, messages[:i])
         upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (upto.startswith(prefix) and full.startswith(upto)):
             raise DataError("the chat template does not render this conversation turn by turn, "

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from tunelab import adapters, checkpoint, data, models
 from tunelab import distributed as dist
@@ -477,8 +478,17 @@ def _save_checkpoint(out: Path, model: torch.nn.Module, optimizer: torch.optim.O
     device = trainable[0].device
     _check_finite(trainable, state.step, Path(cfg.out), info, device)
     if sharded or info.is_main:
-        checkpoint.save_checkpoint(out, model, optimizer, state, cfg.keep_checkpoints,
-                                   sharded=sharded, write=info.is_main)
+        try:
+            checkpoint.save_checkpoint(out, model, optimizer, state, cfg.keep_checkpoints,
+                                       sharded=sharded, write=info.is_main)
+        except (OSError, SafetensorError) as exc:  # safetensors wraps ENOSPC in its own type
+            previous = checkpoint.latest_checkpoint(out)
+            kept = f"{previous} is intact" if previous else "no earlier checkpoint exists"
+            raise TunelabError(
+                f"could not write the checkpoint of step {state.step} to "
+                f"{checkpoint.checkpoint_root(out)}: {getattr(exc, 'strerror', None) or exc}. "
+                f"{kept}. Free "
+                "space (or lower keep_checkpoints) and continue with --resume.") from None
     dist.barrier(info)
 
 

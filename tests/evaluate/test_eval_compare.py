@@ -68,7 +68,7 @@ def test_compare_end_to_end(runs, tiny_model_dir, tmp_path: Path) -> None:
     finetuned = [finetuned_system(resolve_finetuned(runs / "lora")),
                  FinetunedSystem("full FT", resolve_finetuned(runs / "full"))]
     assert finetuned[0].name == "LoRA (lora)"
-    result = run_compare(examples, settings=EvalSettings(batch_size=4, max_new_tokens=5),
+    result = run_compare(examples, settings=EvalSettings(batch_size=16, max_new_tokens=5),
                          out=tmp_path / "cmp", model_spec=str(tiny_model_dir),
                          shots_pool=pool, few_shot=[2, 1], instruction="Reply with JSON.",
                          finetuned=finetuned, progress=False)

@@ -111,29 +111,29 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return f"{x:.{digits}g}" if isinstance(x, (int, float)) and math.isfinite(x) else "n/a"
 
 
+_METHODS = {"lora": "LoRA", "qlora": "QLoRA", "full": "Full"}
+
+
 def _summary_text(out: Path, summary: dict[str, Any], cfg: dict[str, Any]) -> str:
-    method = str(cfg.get("method", "?")).upper() if cfg.get("method") != "full" else "Full"
+    method = _METHODS.get(str(cfg.get("method")), str(cfg.get("method", "?")))
     data = Path(str(cfg.get("data", "?"))).name
-    parts = [f"{method} fine-tune of {cfg.get('model', '?')} on {data}"]
-    if summary:
-        secs = summary.get("train_seconds")
-        parts.append(f"{summary.get('steps', '?')} steps in "
-                     f"{format_duration(secs) if isinstance(secs, (int, float)) else '?'}, "
-                     f"{_fmt(summary.get('tokens_per_second'), 3)} tokens/s")
-        if isinstance(summary.get("peak_memory_bytes"), (int, float)):
-            parts.append(f"peak memory {format_bytes(summary['peak_memory_bytes'])}")
-        losses = f"final train loss {_fmt(summary.get('final_train_loss'))}"
-        if summary.get("final_val_loss") is not None:
-            losses += f", validation loss {_fmt(summary.get('final_val_loss'))}"
-        if summary.get("best_step") is not None:
-            losses += (f" (best {_fmt(summary.get('best_val_loss'))} at step "
-                       f"{summary['best_step']})")
-        parts.append(losses)
-        if summary.get("interrupted"):
-            parts.append("interrupted: continue with --resume")
-    else:
-        parts.append("no summary.json yet (the run has not finished)")
-    return "; ".join(parts) + f". Run directory: {out}."
+    head = f"{method} fine-tune of {cfg.get('model', '?')} on {data}"
+    if not summary:
+        return f"{head}: no summary.json yet (the run has not finished). Run directory: {out}."
+    secs = summary.get("train_seconds")
+    took = format_duration(secs) if isinstance(secs, (int, float)) else "?"
+    text = (f"{head}: {summary.get('steps', '?')} steps in {took} "
+            f"({_fmt(summary.get('tokens_per_second'), 3)} tokens/s)")
+    if isinstance(summary.get("peak_memory_bytes"), (int, float)):
+        text += f", peak memory {format_bytes(summary['peak_memory_bytes'])}"
+    text += f"; final train loss {_fmt(summary.get('final_train_loss'))}"
+    if summary.get("final_val_loss") is not None:
+        text += f", validation loss {_fmt(summary.get('final_val_loss'))}"
+    if summary.get("best_step") is not None:
+        text += f" (best {_fmt(summary.get('best_val_loss'))} at step {summary['best_step']})"
+    if summary.get("interrupted"):
+        text += "; interrupted: continue with --resume"
+    return f"{text}. Run directory: {out}."
 
 
 def build_run_report(out_dir: str | Path) -> dict[str, Any]:

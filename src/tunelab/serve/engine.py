@@ -99,6 +99,7 @@ class GenRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # generate max_tokens whatever (benchmarks)
 
 
 @dataclass
@@ -230,11 +231,11 @@ class _BatchState:
                 self._finish(row, "cancelled")
                 continue
             token = new[i]
-            if token == self.eos_id:
+            req = row.handle.request
+            if token == self.eos_id and not req.ignore_eos:
                 self._finish(row, "stop")
                 continue
             row.tokens.append(token)
-            req = row.handle.request
             text = self._decode(row.tokens)
             cut, stopped = cut_at_stop(text, req.stop)
             if stopped:
@@ -575,20 +576,24 @@ class Engine:
             "logits_processor": LogitsProcessorList([_as_processor(state)]),
             "stopping_criteria": StoppingCriteriaList([_as_criterion(state)]),
         }
+        if any(h.request.ignore_eos for h in ready):
+            kwargs["eos_token_id"] = None  # the rows' own criterion stops the others at eos
         names = [h.adapter for h in ready]
         if self.adapters:
             kwargs["adapter_names"] = names
-        self.model.eval()
-        self.model.generate(input_ids=input_ids.to(self.device),
-                            attention_mask=attention.to(self.device), **kwargs)
-        state.finish_all("length")
-        stats = self.stats
+        stats = self.stats  # counted before generating: clients may read them once answered
         stats.batches += 1
         stats.rows += len(ready)
         stats.max_batch_rows = max(stats.max_batch_rows, len(ready))
         stats.mixed_batches += len(set(names)) > 1
-        stats.generated_tokens += sum(len(r.tokens) for r in rows)
-        stats.busy_seconds += time.perf_counter() - started
+        self.model.eval()
+        try:
+            self.model.generate(input_ids=input_ids.to(self.device),
+                                attention_mask=attention.to(self.device), **kwargs)
+            state.finish_all("length")
+        finally:
+            stats.generated_tokens += sum(len(r.tokens) for r in rows)
+            stats.busy_seconds += time.perf_counter() - started
 
 
 def _check_servable(folder: Path) -> None:
