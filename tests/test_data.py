@@ -172,3 +172,10 @@ def test_missing_file_and_unsupported_suffix(tmp_path):
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(DataError, match=r"unsupported file type '\.txt'"):
         data.read_records(tmp_path / "x.txt")
+
+
+def test_huge_line_is_refused_with_its_line_number(tmp_path):
+    path = tmp_path / "huge.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "' + "x" * (data.MAX_LINE_BYTES + 1) + '"}\n')
+    with pytest.raises(DataError, match=r"huge\.jsonl, line 2: line is 16,777,2\d\d characters"):
+        data.read_records(path)

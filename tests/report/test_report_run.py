@@ -51,7 +51,7 @@ def test_run_report_has_curves_flag_config_and_licence(tmp_path: Path) -> None:
 
 def test_no_overfitting_and_unfinished_run(tmp_path: Path) -> None:
     run = _fake_run(tmp_path / "run", overfit=False)
-    assert not build_run_report(run)["curves"]["overfit"]["detected"]
+    assert not build_run_report(run)["curves"]["overfit"].detected
     (run / "summary.json").unlink()
     report = build_run_report(run)
     assert "has not finished" in report["summary"] and "curves" in report
