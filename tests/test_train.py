@@ -92,6 +92,7 @@ def test_lora_training_lowers_loss_and_writes_the_run(tiny_model_dir, qa_data, t
     assert result.best_step in (4, 8, 12)
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["steps"] == 12 and summary["memory_parts"]["trainable"] > 0
+    assert summary["licence"]["category"] == "unknown"  # the tiny model has no licence
     ckpts = sorted(p.name for p in (tmp_path / "run/checkpoints").glob("step-*"))
     assert ckpts == ["step-00000010", "step-00000012"]  # keep_checkpoints=2
     card = (result.weights_dir / "README.md").read_text()

@@ -192,6 +192,21 @@ class MetricsLog:
         self._fh.close()
 
 
+def model_licence(model: torch.nn.Module) -> Any:
+    """The base model's licence (alias table, GGUF metadata, model card, LICENSE file)."""
+    from tunelab.licence import classify_licence, read_model_licence
+
+    source = getattr(unwrap(model), "tunelab_source", None)
+    if source is None:
+        return classify_licence(None)
+    if source.licence_hint:
+        return classify_licence(source.licence_hint, source=f"alias {source.spec}")
+    try:
+        return read_model_licence(source.path)
+    except TunelabError:
+        return classify_licence(None, source=source.spec)
+
+
 def save_weights(model: torch.nn.Module, tokenizer: Any, cfg: TrainConfig, folder: Path,
                  metrics: dict[str, Any], *, info: dist.DistInfo | None = None,
                  sharded: bool = False) -> Path:
@@ -207,9 +222,8 @@ def save_weights(model: torch.nn.Module, tokenizer: Any, cfg: TrainConfig, folde
             full_state_dict=True, cpu_offload=True, ignore_frozen_params=cfg.is_lora))
     if info is not None and not info.is_main:
         return folder
-    source = getattr(unwrap(model), "tunelab_source", None)
     card = adapters.model_card(
-        base_model=cfg.model, licence=source.licence_hint if source else None,
+        base_model=cfg.model, licence=model_licence(model).id,
         data=cfg.data, method=cfg.method,
         hyperparameters={k: cfg.to_dict()[k] for k in (
             "method", "base_bits", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lr",
@@ -306,6 +320,11 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
     n_total = sum(p.numel() for p in model.parameters())
     log.info("trainable parameters: %s of %s (%.3f%%)", f"{n_trainable:,}", f"{n_total:,}",
              100 * n_trainable / n_total)
+    licence = model_licence(model)
+    log.info("base model licence: %s (%s)", licence.id, licence.category)
+    if licence.category in ("non-commercial", "unknown"):
+        log.warning("licence %s is %s: %s. Check the terms before you use or share this "
+                    "model.", licence.id, licence.category, licence.summary)
     loss_fn = TargetLoss(model).train()
     sharded = info.enabled and (cfg.parallel == "fsdp" or (cfg.parallel == "auto"
                                                            and cfg.method == "full"))
@@ -435,7 +454,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
     if info.is_main:
         summary = {**asdict(result), "out": str(out), "weights_dir": str(weights_dir),
                    "trainable_parameters": n_trainable, "total_parameters": n_total,
-                   "processes": info.world, "memory_parts": model_memory_parts(model, optimizer)}
+                   "processes": info.world, "memory_parts": model_memory_parts(model, optimizer),
+                   "licence": {"id": licence.id, "category": licence.category,
+                               "summary": licence.summary, "source": licence.source}}
         if cfg.base_bits != 16:
             from tunelab.quant import quantized_layer_memory
 
