@@ -43,3 +43,9 @@ def test_yaml_file_errors(tmp_path):
 
 def test_qlora_implies_4bit_base():
     assert build_config({**BASE, "method": "qlora"}).base_bits == 4
+
+
+def test_fsdp_is_for_full_finetuning():
+    with pytest.raises(ConfigError, match="parallel: fsdp is for method: full"):
+        build_config({**BASE, "parallel": "fsdp"})
+    assert build_config({**BASE, "parallel": "fsdp", "method": "full"}).parallel == "fsdp"

@@ -105,9 +105,13 @@ def test_incompatible_choices_say_what_to_use():
         build_config({"data": "x", "quant_type": "int3"})
 
 
-def _logits(model):
+def _logits_of(model, ids):
     with torch.no_grad():
-        return model(input_ids=IDS).logits
+        return model(input_ids=ids).logits
+
+
+def _logits(model):
+    return _logits_of(model, IDS)
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +186,15 @@ def test_qlora_on_smollm2_trains_and_holds_quantized_weights_small(tmp_path):
     layers = json.loads((result.out / "summary.json").read_text())["quantized_layers"]
     # measured on the loaded model: packed NF4 + double-quantized scales vs the same in bf16
     assert layers["ratio_to_bf16"] <= 0.30, layers
+    # the adapter round-trips through plain peft + transformers on a 4-bit base
+    folder = models.local_folder(models.resolve_model("smollm2-135m"))
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=quant.bnb_config(4, torch.float32), device_map={"": "cpu"}),
+        str(result.weights_dir))
+    ours = adapters.load_adapter(models.load_model("smollm2-135m", device="cpu", bits=4)[0],
+                                 result.weights_dir)
+    ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 2]])
+    torch.testing.assert_close(_logits_of(ours, ids), _logits_of(plain, ids), rtol=0, atol=0)
 
 
 def test_quantize_saves_loadable_checkpoints_and_measures_each_format(tiny_model_dir, tmp_path):

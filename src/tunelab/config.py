@@ -187,6 +187,11 @@ def _check_combination(cfg: TrainConfig) -> None:
                           "for an 8-bit base use method: lora with base_bits: 8")
     if cfg.warmup_steps and cfg.warmup_ratio:
         raise ConfigError("set warmup_steps or warmup_ratio, not both")
+    if cfg.parallel == "fsdp" and cfg.method != "full":
+        # Measured: LoRA under FSDP2 drifts from the 1-process losses at step 2 (full
+        # fine-tuning matches); refuse it rather than train something subtly different.
+        raise ConfigError("parallel: fsdp is for method: full; LoRA and QLoRA train with "
+                          "parallel: ddp (or auto), which replicates the frozen base")
     if cfg.parallel == "fsdp" and cfg.base_bits != 16:
         raise ConfigError("parallel: fsdp shards an unquantized base; with a quantized base "
                           "use parallel: ddp (the 4-bit weights are small to replicate)")
