@@ -236,7 +236,7 @@ def test_smollm2_gguf_f16_round_trip(tmp_path):
     want = logits(reference, ids)
     del reference
     got = logits(load_gguf(file), ids)
-    assert float((got - want).abs().max()) < 0.05 * float(want.abs().max())
+    assert float((got - want).abs().max()) < 2e-3 * float(want.abs().max())  # ~1e-3 measured
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
     back = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
     text = "Hello, world! 12345 <|im_start|>user\nJSON {\"a\": 1}<|im_end|>"

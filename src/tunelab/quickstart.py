@@ -79,6 +79,10 @@ def run_quickstart(out: str = "runs/quickstart", *, max_steps: int | None = None
     print(f"[1/2] LoRA fine-tuning {cfg.model} on {Path(cfg.data).name} "
           f"({cfg.max_steps} steps of {cfg.batch_size})", flush=True)
     result = train(cfg, progress=progress)
+    if result.interrupted:
+        print(f"training interrupted at step {result.steps}; run `tunelab quickstart --out "
+              f"{out}` again later (or `tunelab train` with --resume) to finish")
+        return Path(out) / "report.html"
     val = f"{result.final_val_loss:.3f}" if result.final_val_loss is not None else "n/a"
     print(f"      train loss {result.final_train_loss:.3f}, validation loss {val}, "
           f"{result.tokens_per_second:.0f} tokens/s; run report {Path(out) / 'report.html'}")

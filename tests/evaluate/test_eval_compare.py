@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from tests.conftest import write_jsonl
+
 from tunelab.cli import main
 from tunelab.config import build_config
 from tunelab.evaluate.compare import (

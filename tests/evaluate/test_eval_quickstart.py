@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from tests.conftest import write_jsonl
+
 from tunelab import quickstart
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tests.conftest import write_jsonl
+
 from tunelab import data, models
 from tunelab.cli import main
 from tunelab.errors import ConfigError, DataError, ModelError
@@ -119,6 +119,26 @@ def test_batched_generation_matches_generate(tiny) -> None:
         assert [g["text"] for g in got] == [e["text"] for e in expected]
         assert [g["prompt_tokens"] for g in got] == [e["prompt_tokens"] for e in expected]
         assert all(g["seconds"] > 0 for g in got)
+
+
+def test_shared_prefix_works_through_a_peft_model(tiny_model_dir) -> None:
+    from tunelab.adapters import attach_lora
+
+    model, tok = models.load_model(str(tiny_model_dir), device="cpu")
+    torch.manual_seed(0)
+    lora = attach_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    for name, p in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # make the adapter change the outputs
+    prompts = [build_prompt(tok, "Always answer in JSON, please. " * 4 + q)
+               for q in ("capital of France?", "Estonia", "hello world")]
+    settings = GenerationSettings(max_new_tokens=8)
+    expected = generate(lora, tok, prompts, settings)
+    got = generate_batched(lora, tok, prompts, settings, batch_size=2, progress=False)
+    assert [g["text"] for g in got] == [e["text"] for e in expected]
+    unloaded = lora.unload()
+    plain = generate(unloaded, tok, prompts, settings)
+    assert [p["text"] for p in plain] != [e["text"] for e in expected]
 
 
 def test_sampling_is_seeded(tiny) -> None:

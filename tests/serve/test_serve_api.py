@@ -175,6 +175,11 @@ def test_bad_json_oversized_bodies_and_bad_messages(server):
     assert role.status_code == 400 and role.json()["error"]["param"] == "messages[0].role"
     empty = httpx.post(url, json={"model": "a", "messages": []})
     assert empty.status_code == 400
+    nan = httpx.post(url, content=b'{"model": "a", "messages": [{"role": "user", "content": '
+                                  b'"x"}], "temperature": NaN}')
+    assert nan.status_code == 400 and nan.json()["error"]["param"] == "temperature"
+    deep = httpx.post(url, content=b"[" * 60_000)
+    assert deep.status_code == 400 and deep.json()["error"]["code"] == "invalid_json"
     missing = httpx.post(f"{server}/v1/nothing-here")
     assert missing.status_code == 404 and "error" in missing.json()
     assert httpx.get(f"{server}/health").json()["status"] == "ok"
@@ -194,8 +199,8 @@ def test_api_key(engine):
     from tunelab.serve.app import create_app
 
     with live_server(create_app(engine, api_key="s3cret")) as url:
-        for key in ("wrong", ""):
-            anonymous = OpenAI(base_url=f"{url}/v1", api_key=key or "x", max_retries=0)
+        for key in ("wrong", "s3cre", "s3cret-and-more"):
+            anonymous = OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
             with pytest.raises(openai.AuthenticationError) as exc:
                 anonymous.models.list()
             assert _error(exc)["code"] == "invalid_api_key"

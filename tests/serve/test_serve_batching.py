@@ -130,3 +130,66 @@ def test_a_batch_mixing_every_adapter_and_the_base_uses_one_model(engine):
     plain = sum(p.numel() for p in engine.model.get_base_model().parameters())
     assert n_base < plain  # lora weights are the only extra parameters
     assert engine.adapter_for("tiny") == BASE
+
+
+def test_rows_stop_at_eos_independently_and_ignore_eos(tiny_model_dir, adapter_dirs):
+    """One row ending its turn early leaves the others as they would be alone."""
+    from tunelab.serve.engine import Engine, GenRequest
+
+    eng = Engine.load(str(tiny_model_dir), [("a", str(adapter_dirs["a"]))], name="tiny",
+                      device="cpu", batch_wait_ms=50).start()
+    try:
+        first = eng.tokenize(eng.render_chat([{"role": "user", "content": "hello"}]))
+        other = eng.tokenize(eng.render_chat([{"role": "user", "content": "JSON record"}]))
+        full = eng.generate([GenRequest("a", first, max_tokens=8)])[0]
+        assert full.finish_reason == "length" and len(full.token_ids) == 8
+        eos = full.token_ids[2]  # pretend the third token of this answer ends the turn
+        assert eos not in full.token_ids[:2]
+        eng.tokenizer.eos_token = eng.tokenizer.convert_ids_to_tokens(eos)
+        stopped = eng.generate([GenRequest("a", first, max_tokens=8)])[0]
+        assert stopped.finish_reason == "stop" and stopped.token_ids == full.token_ids[:2]
+        alone = eng.generate([GenRequest("tiny", other, max_tokens=8)])[0]
+        together = eng.generate([GenRequest("a", first, max_tokens=8),
+                                 GenRequest("tiny", other, max_tokens=8)])
+        assert eng.stats.max_batch_rows == 2
+        assert together == [stopped, alone]
+        ignored = eng.generate([GenRequest("a", first, max_tokens=8, ignore_eos=True),
+                                GenRequest("tiny", other, max_tokens=8)])
+        assert ignored[0].token_ids == full.token_ids and ignored[1] == alone
+    finally:
+        eng.close()
+
+
+def test_a_cancelled_request_stops_its_row_only(engine):
+    from tunelab.serve.engine import GenRequest
+
+    prompt = engine.tokenize(engine.render_chat([{"role": "user", "content": "hello"}]))
+    handles = []
+
+    def cancel_after_two(kind, payload):
+        deltas.append(kind)
+        if deltas.count("delta") == 2:
+            handles[0].cancel()
+
+    deltas: list[str] = []
+    handles.append(engine.submit(GenRequest("a", prompt, max_tokens=40), cancel_after_two))
+    other = engine.submit(GenRequest("b", prompt, max_tokens=20))
+    cancelled = handles[0].wait(60)
+    assert cancelled.finish_reason == "cancelled" and cancelled.completion_tokens < 40
+    assert other.wait(60) == engine.generate([GenRequest("b", prompt, max_tokens=20)])[0]
+
+
+def test_a_client_leaving_mid_stream_does_not_disturb_the_server(server, client):
+    import httpx
+
+    body = {"model": "c", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 64,
+            "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        first = next(r.iter_lines())
+        assert first.startswith("data: {")
+    # the connection is gone; the server goes on serving
+    reply = client.chat.completions.create(model="c", max_tokens=5, temperature=0,
+                                           messages=[{"role": "user", "content": "hello"}])
+    assert reply.usage.completion_tokens <= 5

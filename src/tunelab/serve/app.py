@@ -20,6 +20,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -73,7 +74,8 @@ def _number(body: dict, key: str, default: float, lo: float, hi: float, *,
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value):
         raise APIError(400, f"'{key}' must be a number", param=key)
     if value > hi or value < lo or (lo_open and value == lo):
         bound = f"> {lo}" if lo_open else f">= {lo}"
@@ -224,7 +226,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, admin: bool = Fals
             chunks.append(chunk)
         try:
             body = json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
             raise APIError(400, f"the request body is not valid JSON: {exc}",
                            code="invalid_json") from None
         if not isinstance(body, dict):
@@ -351,7 +353,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, admin: bool = Fals
         _reject_unsupported(body, ("n", "logprobs", "top_logprobs", "tools", "functions",
                                    "tool_choice"))
         messages = _messages(body)
-        prompt_ids = engine.tokenize(engine.render_chat(messages))
+        prompt_ids = await run_in_threadpool(
+            lambda: engine.tokenize(engine.render_chat(messages)))
         gen = settings(body, model, prompt_ids)
         stream, include_usage = stream_flag(body)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -392,7 +395,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, admin: bool = Fals
                 or not all(isinstance(p, str) for p in prompts):
             raise APIError(400, "'prompt' must be a string or a non-empty list of strings",
                            param="prompt")
-        gens = [settings(body, model, engine.tokenize(p)) for p in prompts]
+        encoded = await run_in_threadpool(lambda: [engine.tokenize(p) for p in prompts])
+        gens = [settings(body, model, ids) for ids in encoded]
         stream, include_usage = stream_flag(body)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if not stream:

@@ -84,6 +84,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--base-bits", type=int, choices=(4, 8, 16), default=16,
                    help="load the base quantized (bitsandbytes)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (fewer can be faster on a busy machine)")
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--log-level", default="info",
@@ -102,6 +104,10 @@ def run(args: argparse.Namespace) -> int:
     from tunelab.serve.engine import Engine
 
     api_key = args.api_key or os.environ.get("TUNELAB_API_KEY") or None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.admin and not args.adapter_dir:
         raise TunelabError("--admin needs at least one --adapter-dir to load adapters from")
     if not _is_loopback(args.host) and not api_key:
