@@ -34,7 +34,13 @@ elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; the
   "${PIP[@]}" "torch>=2.4"
 else
   echo "setup: no CUDA GPU: installing torch $TORCH_VERSION (CPU build)"
-  "${PIP[@]}" "torch==$TORCH_VERSION" --extra-index-url https://download.pytorch.org/whl/cpu
+  cpu_index=()
+  # PyTorch's CPU wheel index, where it can be reached (offline mirrors may carry the CPU
+  # build themselves); asking an unreachable index costs minutes of retries per package.
+  if "$PY" -c "import urllib.request as u; u.urlopen('https://download.pytorch.org/whl/cpu/', timeout=5)" 2>/dev/null; then
+    cpu_index=(--extra-index-url https://download.pytorch.org/whl/cpu)
+  fi
+  "${PIP[@]}" "torch==$TORCH_VERSION" "${cpu_index[@]}"
 fi
 
 if [ "$MODE" = "test" ]; then

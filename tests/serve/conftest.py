@@ -34,6 +34,16 @@ def make_random_adapter(base_dir: Path, out: Path, seed: int, targets, r: int,
     return out
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Serving tests run tiny batches: one intra-op thread is as fast, and far faster when
+    other jobs share the CPU (spinning OpenMP threads then fight over the cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def adapter_dirs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("serve-adapters")

@@ -49,7 +49,7 @@ def test_serve_process_with_api_key_from_the_environment(tiny_model_dir, adapter
     proc = subprocess.Popen(
         [sys.executable, "-m", "tunelab", "serve", "--model", str(tiny_model_dir), "--name",
          "tiny", "--adapter", f"a={adapter_dirs['a']}", "--port", str(port), "--device", "cpu",
-         "--log-level", "warning"],
+         "--threads", "1", "--log-level", "warning"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -23,17 +23,14 @@ def test_smollm2_mixed_batch_equals_requests_alone(tmp_path):
                                       std=0.05) for name, seed in (("x", 1), ("y", 2))}
     engine = Engine.load("smollm2-135m", [(n, str(p)) for n, p in lora.items()],
                          device="cpu", batch_wait_ms=50)
-    reqs = [{"model": m, "text": t, "max_tokens": 12, "temperature": 0.0, "seed": None,
-             "stream": m == "y"}
-            for t, m in (("What is the capital of France?", "smollm2-135m"),
-                         ("What is the capital of France?", "x"),
-                         ("What is the capital of France?", "y"),
-                         ("Name three colours.", "smollm2-135m"), ("Name three colours.", "y"))]
+    reqs = [{"model": m, "text": "What is the capital of France?", "max_tokens": 10,
+             "temperature": 0.0, "seed": None, "stream": m == "y"}
+            for m in ("smollm2-135m", "x", "y")]
     with live_server(create_app(engine)) as url:
         alone = [asyncio.run(ask_all(url, [r]))[0] for r in reqs]
         together = asyncio.run(ask_all(url, reqs))
     assert together == alone
     assert engine.stats.mixed_batches >= 1
-    assert len({a[0] for a in alone[:3]}) == 3  # base and both adapters answer differently
+    assert len({a[0] for a in alone}) == 3  # base and both adapters answer differently
     margin, deviation = margins_and_deviation(engine, reqs, alone)
     assert margin > 10 * deviation, (margin, deviation)

@@ -2,15 +2,23 @@
 
 :mod:`tunelab.serve.engine` holds the model, the adapters and the batching worker;
 :mod:`tunelab.serve.app` is the FastAPI app; :mod:`tunelab.serve.cli` the command.
+Names are imported lazily, so registering the command does not import torch or fastapi.
 """
 
-from tunelab.serve.engine import BASE, Completion, Engine, GenRequest
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["BASE", "Completion", "Engine", "GenRequest", "create_app"]
 
 
-def create_app(*args, **kwargs):
-    """See :func:`tunelab.serve.app.create_app` (imported lazily: it needs fastapi)."""
-    from tunelab.serve.app import create_app as _create_app
+def __getattr__(name: str) -> Any:
+    if name == "create_app":
+        from tunelab.serve.app import create_app
 
-    return _create_app(*args, **kwargs)
+        return create_app
+    if name in __all__:
+        from tunelab.serve import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'tunelab.serve' has no attribute {name!r}")
