@@ -331,3 +331,56 @@ def read_model_licence(path_or_catalog_entry: Any) -> LicenceInfo:
         raise ModelError(f"'{path_or_catalog_entry}' is not a model folder, a .gguf file or a "
                          f"catalogue name: cannot read its licence")
     return classify_licence(arch.licence, source="catalogue")
+
+
+def _hub_card_licence(repo_id: str) -> LicenceInfo | None:
+    """A Hub model's card from the local Hugging Face cache only (no network)."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        readme = Path(hf_hub_download(repo_id, "README.md", local_files_only=True))
+    except Exception:
+        return None
+    info = _from_card(_front_matter(readme.read_text(encoding="utf-8", errors="replace")),
+                      "README.md front matter (HF cache)")
+    return info if info is not None and info.id != "other" else None
+
+
+def licence_for_model_source(source: Any) -> LicenceInfo:
+    """The licence of what ``tunelab.models.resolve_model`` resolved a ``--model`` to.
+
+    ``source`` is a ``tunelab.models.ModelSource`` (``kind`` gguf / folder / hub, ``path``,
+    ``licence_hint``), or a model spec string (alias, .gguf file, folder, Hub id), which is
+    resolved first. Order: the alias table's licence; a GGUF header's ``general.license``; a
+    folder's model card / config.json / LICENSE file; for a Hub id, its card in the local HF
+    cache, then the planner's catalogue. Never raises for a readable source: what cannot be
+    determined is ``unknown`` (whose :attr:`LicenceInfo.warning` says to check by hand).
+    """
+    if source is None:
+        return _info("unknown", "no model source")
+    if isinstance(source, (str, os.PathLike)):
+        from tunelab.models import resolve_model
+
+        source = resolve_model(os.fspath(source))
+    spec = str(getattr(source, "spec", "") or getattr(source, "path", ""))
+    hint = getattr(source, "licence_hint", None)
+    if hint:
+        return classify_licence(hint, source=f"tunelab alias {spec}")
+    kind, path = getattr(source, "kind", ""), str(getattr(source, "path", ""))
+    if kind in ("gguf", "folder"):
+        try:
+            return read_model_licence(path)
+        except ModelError:
+            return LicenceInfo("unknown", "unknown", f"cannot read a licence from {path}", spec)
+    if kind == "hub":
+        info = _hub_card_licence(path)
+        if info is not None:
+            return info
+        from tunelab.plan.catalog import find_arch
+
+        arch = find_arch(path)
+        if arch is not None:
+            return classify_licence(arch.licence, source="catalogue")
+        return LicenceInfo("unknown", "unknown", f"no model card for '{path}' in the local "
+                           "Hugging Face cache", spec)
+    return _info("unknown", spec)

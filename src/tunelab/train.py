@@ -194,17 +194,9 @@ class MetricsLog:
 
 def model_licence(model: torch.nn.Module) -> Any:
     """The base model's licence (alias table, GGUF metadata, model card, LICENSE file)."""
-    from tunelab.licence import classify_licence, read_model_licence
+    from tunelab.licence import licence_for_model_source
 
-    source = getattr(unwrap(model), "tunelab_source", None)
-    if source is None:
-        return classify_licence(None)
-    if source.licence_hint:
-        return classify_licence(source.licence_hint, source=f"alias {source.spec}")
-    try:
-        return read_model_licence(source.path)
-    except TunelabError:
-        return classify_licence(None, source=source.spec)
+    return licence_for_model_source(getattr(unwrap(model), "tunelab_source", None))
 
 
 def save_weights(model: torch.nn.Module, tokenizer: Any, cfg: TrainConfig, folder: Path,
@@ -464,6 +456,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
         _write_json(out / "summary.json", summary)
         log.info("peak memory %s; %.0f tokens/s; weights in %s", fmt_bytes(peak), tokens_per_s,
                  weights_dir)
+        from tunelab.plan import compare_to_run
+
+        log.info("%s", compare_to_run(model, cfg, peak, train_set, state.step, rank=info.rank,
+                                      world=info.world, sharded=sharded))
     dist.barrier(info)
     dist.shutdown(info)
     from tunelab.report.run import write_run_report

@@ -136,7 +136,20 @@ def test_shared_prefix_works_through_a_peft_model(tiny_model_dir) -> None:
     expected = generate(lora, tok, prompts, settings)
     got = generate_batched(lora, tok, prompts, settings, batch_size=2, progress=False)
     assert [g["text"] for g in got] == [e["text"] for e in expected]
+    # compare merges a LoRA for speed, then unmerges and unloads to get the base back.
+    ids = tok(prompts[0], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        before = lora(input_ids=ids).logits
+        lora.merge_adapter()
+        merged = generate_batched(lora, tok, prompts, settings, batch_size=2, progress=False)
+        assert [m["text"] for m in merged] == [e["text"] for e in expected]
+        lora.unmerge_adapter()
+        torch.testing.assert_close(lora(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
     unloaded = lora.unload()
+    fresh, _ = models.load_model(str(tiny_model_dir), device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(unloaded(input_ids=ids).logits, fresh(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)
     plain = generate(unloaded, tok, prompts, settings)
     assert [p["text"] for p in plain] != [e["text"] for e in expected]
 

@@ -78,7 +78,8 @@ def test_json_output(capsys: pytest.CaptureFixture[str]) -> None:
     lora = data["methods"]["lora"]
     assert lora["memory"]["total"] == sum(
         lora["memory"][k] for k in ("weights", "adapters", "gradients", "optimizer",
-                                    "activations", "logits", "workspace", "overhead"))
+                                    "activations", "logits", "workspace", "retained",
+                                    "overlap", "overhead"))
     assert lora["time"]["tokens"] == 2_000_000 and lora["time"]["cost"] > 0
     assert data["recommendation"] == "lora"
     assert data["licence"]["category"] == "permissive"

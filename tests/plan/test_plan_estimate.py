@@ -9,16 +9,24 @@ import pytest
 from tunelab.errors import ConfigError
 from tunelab.plan.catalog import Arch, get_arch, get_gpu
 from tunelab.plan.estimate import (
+    CPU_HEAP_RETENTION,
+    CPU_PEFT_IMPORT_BYTES,
     CPU_PROCESS_BASELINE_BYTES,
+    CPU_RUNTIME_BYTES,
+    CPU_TOKENIZER_BYTES_PER_TOKEN,
     CUDA_CONTEXT_BYTES,
+    GLIBC_MMAP_MAX,
     activation_bytes,
+    cpu_overhead_bytes,
     estimate_memory,
     estimate_time,
     fit_status,
     layer_activation_bytes,
+    layer_saved_tensors,
     logits_bytes,
     lora_params,
     quant_bits_per_weight,
+    saved_tensor_sizes,
     training_flops_per_token,
 )
 
@@ -200,8 +208,12 @@ def test_cpu_calibration_api() -> None:
     arch = get_arch("smollm2-135m")
     est = estimate_memory(arch, method="lora", seq=256, batch=2, device="cpu", dtype="fp32",
                           grad_ckpt=False, optimizer="adamw", lora_r=8, target_fraction=0.5)
-    assert est.overhead == CPU_PROCESS_BASELINE_BYTES
+    assert est.overhead == cpu_overhead_bytes(arch, "lora") == (
+        CPU_PROCESS_BASELINE_BYTES + CPU_PEFT_IMPORT_BYTES + CPU_RUNTIME_BYTES
+        + CPU_TOKENIZER_BYTES_PER_TOKEN * arch.vocab)
     assert 300 * 2**20 < CPU_PROCESS_BASELINE_BYTES < 600 * 2**20
+    # full fine-tuning never imports peft
+    assert cpu_overhead_bytes(arch, "full") == est.overhead - CPU_PEFT_IMPORT_BYTES
     assert est.weights == arch.total_params * 4
     assert est.settings["dtype"] == "fp32" and est.settings["device"] == "cpu"
     assert est.total == sum(est.components().values())
@@ -281,3 +293,58 @@ def test_estimate_time_hours_and_cost() -> None:
     assert q.hours > t.hours  # dequantization slowdown
     with pytest.raises(ConfigError, match="utilization"):
         estimate_time(arch, "lora", tokens=1, gpu=gpu, utilization=1.5)
+
+
+# ----------------------------------------------------------------------- the CPU model
+def test_cpu_peak_is_the_larger_end_of_backward_not_the_sum() -> None:
+    arch = get_arch("smollm2-135m")
+    kw = dict(seq=512, batch=1, device="cpu", heap_retention=0.0, target_fraction=0.2)
+    full = estimate_memory(arch, method="full", **kw)
+    head_grad = arch.vocab * arch.hidden * 4
+    start = full.activations + full.logits + head_grad  # saved tensors + lm_head gradient
+    end = full.gradients + full.workspace  # every gradient + AdamW / embedding temporaries
+    assert full.overlap == max(start, end) - (full.activations + full.logits + full.gradients
+                                              + full.workspace) < 0
+    assert full.total == (full.weights + full.optimizer + full.overhead + max(start, end))
+    # AdamW's single-tensor step holds sqrt(v) and sqrt(v)/bc of the largest parameter.
+    assert full.workspace == 2 * arch.vocab * arch.hidden * 4
+    # On CUDA the parts are summed (conservative) and there is no CPU term.
+    gpu = estimate_memory(arch, method="full", seq=512, target_fraction=0.2)
+    assert gpu.overlap == 0 and gpu.retained == 0
+
+
+def test_cpu_heap_retention_counts_only_heap_sized_tensors() -> None:
+    arch = get_arch("smollm2-135m")
+    small = estimate_memory(arch, method="lora", seq=256, device="cpu", target_fraction=0.2)
+    assert small.retained == int(CPU_HEAP_RETENTION * (small.activations + small.logits))
+    assert estimate_memory(arch, method="lora", seq=256, device="cpu", target_fraction=0.2,
+                           heap_retention=0).retained == 0
+    # At 8192 tokens the MLP tensors (8192 x 1536 x 4 B = 48 MiB) and the logits are
+    # mmap()ed by glibc and returned when freed: they are not retained.
+    big = estimate_memory(arch, method="lora", seq=8192, device="cpu", heap_retention=1.0)
+    sizes = saved_tensor_sizes(arch, seq=8192, batch=1, dtype_bytes=4, grad_ckpt=False,
+                               method="lora")
+    assert big.retained == sum(s * n for s, n in sizes if s <= GLIBC_MMAP_MAX) < big.activations
+    # Full fine-tuning: capped at the heap-sized gradients (all but the 113 MiB embedding).
+    full = estimate_memory(arch, method="full", seq=2048, device="cpu", heap_retention=1.0)
+    heap_grads = (arch.total_params - arch.embedding_params) * 4
+    assert full.retained == heap_grads
+
+
+def test_cpu_qlora_keeps_the_mapped_checkpoint() -> None:
+    arch = get_arch("smollm2-135m")
+    cpu = estimate_memory(arch, method="qlora", seq=256, device="cpu")
+    gpu = estimate_memory(arch, method="qlora", seq=256, device="cuda", dtype="fp32")
+    assert cpu.weights - gpu.weights == arch.linear_weight_params * 4
+    bf16_ckpt = estimate_memory(arch, method="qlora", seq=256, device="cpu",
+                                checkpoint_dtype="bf16")
+    assert cpu.weights - bf16_ckpt.weights == arch.linear_weight_params * 2
+
+
+def test_saved_tensor_list_sums_to_the_formula() -> None:
+    for method in ("full", "lora"):
+        per = layer_saved_tensors(TINY, dtype_bytes=2, method=method)
+        assert sum(per) * 64 * 3 == layer_activation_bytes(TINY, seq=64, batch=3,
+                                                           dtype_bytes=2, method=method)
+    with pytest.raises(ConfigError, match="heap_retention"):
+        estimate_memory(TINY, device="cpu", heap_retention=-1)

@@ -6,8 +6,11 @@ Rows of the comparison, all scored on the same examples (so differences are pair
 * **few-shot k=K**: the base model with K solved examples from the training data as prior
   turns (one row per K);
 * **fine-tuned**: each adapter (LoRA / QLoRA) or full checkpoint, prompted exactly as in
-  training. A run directory also provides training time and peak memory (summary.json),
-  and the loss curves for the overfitting check (metrics.jsonl).
+  training. A LoRA adapter on a 16-bit base is merged into the weights while it is
+  evaluated (as ``tunelab merge`` deploys it; same outputs up to rounding, no per-layer
+  adapter cost), then unmerged; a QLoRA adapter runs on its 4-bit base unmerged. A run
+  directory also provides training time and peak memory (summary.json), and the loss
+  curves for the overfitting check (metrics.jsonl).
 
 Costs per row: prompt tokens per request and latency per request (generation time over
 requests at the batch size used), and for fine-tuned rows training time and peak memory.
@@ -171,12 +174,16 @@ def run_compare(examples: list[EvalExample], *, settings: EvalSettings, out: str
             from tunelab import adapters
 
             wrapped = adapters.load_adapter(base, ft.source.path)
+            # Folded into the weights, as `tunelab merge` would deploy it: the same outputs
+            # (up to rounding) without the per-layer LoRA matmuls at every decoding step.
+            wrapped.merge_adapter()
             evals.append(_evaluate_finetuned(wrapped, tokenizer, examples, ft, settings,
                                              metrics, progress))
             if measure_forgetting:
                 general[ft.name] = measure_general_ability(
                     wrapped, tokenizer, batch_size=settings.batch_size, progress=progress,
                     desc=ft.name)
+            wrapped.unmerge_adapter()
             base = wrapped.unload()  # the plain base again, LoRA layers removed
     if others:
         _release(base)
@@ -351,7 +358,9 @@ def build_report(evals: Sequence[EvalResult], systems: Sequence[SystemResult],
                     + (f" from {shots_label}" if shots_label else " from the training data")
                     + " as prior user/assistant turns.")
     text.append(f"Latency is generation time per request at batch size {settings.batch_size} "
-                f"on {device}; fine-tuned rows are prompted exactly as in training.")
+                f"on {device}; fine-tuned rows are prompted exactly as in training (LoRA "
+                "adapters on a 16-bit base merged into the weights, as tunelab merge "
+                "deploys them).")
     if curves is not None:
         text.append(f"Loss curves are those of {curves['run']}.")
     if description:

@@ -1,19 +1,54 @@
 """Peak training memory and training time for full fine-tuning, LoRA and QLoRA.
 
 Everything is closed-form arithmetic on an :class:`~tunelab.plan.catalog.Arch`; nothing is
-allocated. The peak is modelled as the sum of what is resident at the start of the backward
-pass of a step after the first (when optimizer state exists):
+allocated. Memory is per device.
+
+CUDA (``device="cuda"``): the sum of what is resident at the start of the backward pass of a
+step after the first (when optimizer state exists)::
 
     peak = weights + adapters + gradients + optimizer state + activations + logits
-           + workspace + overhead
+           + workspace + overhead (CUDA context)
 
-Summing gradients and activations is slightly conservative: during backward, activations are
-freed layer by layer while gradients are produced. Memory is per device.
+Summing gradients and activations is conservative (during backward, activations are freed
+layer by layer while gradients are produced); it is kept on CUDA as a margin for the caching
+allocator, and has not been calibrated there.
 
-Calibration: ``estimate_memory(..., device="cpu", dtype="fp32")`` describes a CPU run, with
-the measured baseline RSS of a process that imported torch + transformers + peft as the
-overhead term (:data:`CPU_PROCESS_BASELINE_BYTES`, overridable with ``overhead_bytes``), so
-the figure can be compared with a run's peak RSS.
+CPU (``device="cpu"``) is calibrated against peak RSS (``ru_maxrss``) of real
+``tunelab train`` runs (tests/plan/test_calibration.py, docs/plan.md)::
+
+    peak = overhead + weights + adapters + optimizer state
+           + max(activations + logits + lm_head gradient,      start of backward
+                 gradients + optimizer/embedding temporaries)   end of backward, optimizer step
+           + retained
+
+* **overhead**: the imports (torch + transformers, :data:`CPU_PROCESS_BASELINE_BYTES`; peft for
+  lora/qlora, :data:`CPU_PEFT_IMPORT_BYTES`), the trainer's runtime
+  (:data:`CPU_RUNTIME_BYTES`) and the tokenizer (:data:`CPU_TOKENIZER_BYTES_PER_TOKEN` per
+  vocabulary entry).
+* **weights**: safetensors are memory-mapped; the pages count in RSS once touched, once (a
+  full fine-tune's optimizer step turns them into private copies, not second copies). qlora
+  also keeps the mapped checkpoint pages it read to quantize the linears
+  (``checkpoint_dtype`` bytes per linear weight) for as long as the mapping lives.
+* **the two ends of backward**: saved activations and logits are freed during backward while
+  gradients are produced, so the peak is the larger end, not the sum (``overlap`` is the
+  difference, <= 0). The start holds every saved tensor plus the lm_head weight gradient
+  (computed first; full fine-tuning only). The end holds every gradient plus the largest
+  transient: torch's single-tensor AdamW (the CPU default) allocates ``sqrt(v)`` and
+  ``sqrt(v)/bc`` for one parameter at a time (2 x the largest parameter, in ``workspace``),
+  and tied embeddings add the dense embedding gradient before it is summed into the shared
+  ``.grad``.
+* **retained**: glibc malloc keeps freed heap blocks resident; its mmap threshold rises to
+  the largest block freed (up to :data:`GLIBC_MMAP_MAX`), so after the first step every
+  tensor up to 32 MiB comes from the heap, and freed ones are reused only by requests they
+  fit. After two steps the heap holds about one more step's worth of the heap-sized
+  activations and logits as free chunks (:data:`CPU_HEAP_RETENTION`; measured 0.67-1.29 x);
+  tensors over 32 MiB are unmapped when freed and never retained. Full fine-tuning levels
+  off near the heap-sized gradients; gradient checkpointing retains
+  :data:`CPU_HEAP_RETENTION_CKPT` of the non-checkpointed figure. Run with
+  ``MALLOC_MMAP_THRESHOLD_=131072`` and glibc returns every freed tensor: RSS then drops by
+  this term (the rest of the model matched such runs within 2.2%), at the cost of a page
+  fault per fresh allocation (about 1 s per GB on the calibration machine, which roughly
+  halved LoRA throughput), hence ``heap_retention=0`` for that case only.
 """
 
 from __future__ import annotations
@@ -48,10 +83,37 @@ OPTIMIZER_BYTES_PER_PARAM: dict[str, int] = {"adamw": 8, "adamw8bit": 2, "paged"
 # depending on GPU, driver and libraries loaded. A stated constant, overridable.
 CUDA_CONTEXT_BYTES = 768 * 1024**2
 
-# Peak RSS of `python -c 'import torch, transformers, peft'` measured with /usr/bin/time -v
-# (Python 3.11, torch 2.13 CPU, transformers 5.24, peft 0.21): 396,440 kB, stable over runs.
-# On CPU this replaces the CUDA context as the overhead term. Overridable (overhead_bytes).
-CPU_PROCESS_BASELINE_BYTES = 396_440 * 1024
+# ---- CPU terms, measured on Linux x86-64, Python 3.11, torch 2.13 (CPU), transformers 5.24,
+# peft 0.21, glibc malloc; SmolLM2-135M and a 2-layer tiny Llama (tests/plan/test_calibration.py)
+# Peak RSS of `python -c 'import torch, transformers; from transformers import
+# LlamaForCausalLM'` (/usr/bin/time -v): 340,140 kB, stable over runs. Overridable.
+CPU_PROCESS_BASELINE_BYTES = 340_140 * 1024
+# What importing peft (which pulls in bitsandbytes) adds: 397,036 - 340,140 kB. Full
+# fine-tuning never imports it.
+CPU_PEFT_IMPORT_BYTES = 56_896 * 1024
+# The trainer's own runtime on top of the imports: tunelab's modules, tokenizer and model
+# loading machinery, autograd/optimizer set-up, library code paged in by the first step.
+# Peak RSS of 2-step runs of a 2-layer hidden-32 Llama (vocabulary 400, tensors < 1 MiB) minus
+# the import baseline: 29.2 MiB (full), 27.6 (lora), 28.8 (qlora).
+CPU_RUNTIME_BYTES = 29_000 * 1024
+# A fast (Rust) BPE tokenizer: vocabulary and merge tables, about 0.9 KB per entry (RSS after
+# loading, measured 800 B for 24k and 905 B for 49k entries).
+CPU_TOKENIZER_BYTES_PER_TOKEN = 900
+# glibc malloc serves blocks up to its mmap threshold from the heap; the threshold rises to
+# the largest block freed so far, up to this cap (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit), so
+# larger tensors are always mmap()ed and unmapped as soon as they are freed.
+GLIBC_MMAP_MAX = 32 * 1024**2
+# Freed heap memory glibc keeps resident, as a multiple of the step's heap-sized activations
+# and logits (tensors <= GLIBC_MMAP_MAX). Freed chunks stay in the heap (RSS) and are reused
+# only by requests they fit, so after a couple of steps the heap holds about one more step's
+# worth of activations as free chunks. Measured as (peak RSS - the rest of this model) over
+# the heap-sized activations + logits of 2-step SmolLM2 runs: 0.67-1.29 for lora/qlora
+# (9 runs, mean 0.93; the same run repeated varies by up to 12%), see docs/plan.md.
+# Overridable (heap_retention=), e.g. 0 for an allocator that returns freed memory.
+CPU_HEAP_RETENTION = 1.0
+# With gradient checkpointing the retained heap is a share of what the same run holds without
+# it: measured 0.56 (lora, 1 x 532 tokens), 0.75 (lora, 4 x 152), 0.69 (full, 1 x 532).
+CPU_HEAP_RETENTION_CKPT = 2 / 3
 
 DEFAULT_HEADROOM = 0.95  # plan against 95% of device memory (fragmentation, spikes)
 DEFAULT_UTILIZATION = 0.4  # achieved / peak dense FLOP/s: typical for single-node fine-tuning
@@ -145,6 +207,56 @@ def quantized_linear_bytes(arch: Arch, quant: str) -> float:
 
 
 # ================================================================================= activations
+def layer_saved_tensors(
+    arch: Arch,
+    *,
+    dtype_bytes: int,
+    method: str = "full",
+    lora_r: int = 16,
+    lora_targets: str | Iterable[str] | None = None,
+    adapter_bytes: int = 4,
+) -> list[int]:
+    """The tensors autograd saves for backward in ONE block, as bytes per token (one entry per
+    tensor; a tensor of ``w`` bytes per token holds ``w * batch * seq`` bytes).
+
+    The sum is the per-token formula of :func:`layer_activation_bytes`; the individual sizes
+    matter on CPU, where glibc hands tensors over 32 MiB back to the OS as soon as they are
+    freed and keeps smaller ones in its heap (see :data:`CPU_HEAP_RETENTION`).
+    """
+    h, q, kv, i, b = arch.hidden, arch.q_dim, arch.kv_dim, arch.intermediate, dtype_bytes
+    moe = arch.experts > 1
+    k = arch.active_experts if moe else 1
+    # Internals every method keeps (they are needed for input gradients).
+    out = [b * q, b * kv, b * kv, b * q, 4 * arch.heads]  # q, k, v after RoPE; SDPA out, lse
+    out += [b * i] * (k if arch.mlp == "plain" else 3 * k)
+    if moe:
+        out.append(4 * arch.experts)
+    out += [4 * h] * arch.norms_per_layer
+    if arch.qk_norm:
+        out += [4 * q, 4 * kv]
+    if method == "full":
+        out += [b * h] + [b * h, b * i] * k + [b * h] * arch.norms_per_layer
+        return out
+    wanted = normalise_targets(lora_targets)
+    shared_inputs: set[str] = set()
+    for lin in arch.linears():
+        if not wanted.intersection(lin.covers):
+            continue
+        copies = k if lin.count > 1 else 1
+        out += [adapter_bytes * lora_r] * copies
+        if adapter_bytes != b:
+            out += [adapter_bytes * lin.in_features] * copies
+            continue
+        # Same dtype: the input tensor itself is kept, once per distinct input.
+        source = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "qkv": "attn_in",
+                  "gate": "mlp_in", "up": "mlp_in", "gate_up": "mlp_in"}.get(lin.name, lin.name)
+        if source == "o" or source in shared_inputs:
+            continue  # o_proj's input is the SDPA output, already kept
+        shared_inputs.add(source)
+        out += [b * lin.in_features] * copies
+    return out
+
+
 def layer_activation_bytes(
     arch: Arch,
     *,
@@ -188,47 +300,59 @@ def layer_activation_bytes(
             a*r            lora_A output, kept for lora_B's weight gradient
           MoE experts: per token, k copies (one per chosen expert).
 
+    Checked against the tensors autograd really saves (``saved_tensors_hooks``) for
+    SmolLM2-135M in fp32: 44,759 bytes/token/layer measured vs 44,580 here for full
+    fine-tuning, 40,445 vs 40,420 for LoRA r=16 on all linears (the bitsandbytes 4-bit
+    base of qlora saves the same tensors as LoRA).
+
     Eager attention (``attention="eager"``, e.g. Gemma 2 with logit soft-capping) adds
     ``(2*b + 4) * n * seq^2`` per sample: the capped scores, the fp32 softmax output and its
     cast back to ``b``.
     """
-    h, q, kv, i, b = arch.hidden, arch.q_dim, arch.kv_dim, arch.intermediate, dtype_bytes
-    moe = arch.experts > 1
-    k = arch.active_experts if moe else 1
-    # Internals every method keeps (they are needed for input gradients).
-    per_token = b * (q + 2 * kv) + b * q + 4 * arch.heads
-    per_token += k * (b * i if arch.mlp == "plain" else 3 * b * i)
-    if moe:
-        per_token += 4 * arch.experts
-    per_token += arch.norms_per_layer * 4 * h
-    if arch.qk_norm:
-        per_token += 4 * (q + kv)
-    if method == "full":
-        down_in = b * i
-        per_token += b * h + k * (b * h + down_in) + arch.norms_per_layer * b * h
-    else:
-        wanted = normalise_targets(lora_targets)
-        shared_inputs: set[str] = set()
-        for lin in arch.linears():
-            if not wanted.intersection(lin.covers):
-                continue
-            copies = k if lin.count > 1 else 1
-            per_token += copies * adapter_bytes * lora_r
-            if adapter_bytes != b:
-                per_token += copies * adapter_bytes * lin.in_features
-                continue
-            # Same dtype: the input tensor itself is kept, once per distinct input.
-            source = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "qkv": "attn_in",
-                      "gate": "mlp_in", "up": "mlp_in", "gate_up": "mlp_in"}.get(lin.name,
-                                                                                  lin.name)
-            if source == "o" or source in shared_inputs:
-                continue  # o_proj's input is the SDPA output, already kept
-            shared_inputs.add(source)
-            per_token += copies * b * lin.in_features
+    per_token = sum(layer_saved_tensors(arch, dtype_bytes=dtype_bytes, method=method,
+                                        lora_r=lora_r, lora_targets=lora_targets,
+                                        adapter_bytes=adapter_bytes))
     total = per_token * seq * batch
     if attention == "eager":
-        total += (2 * b + 4) * arch.heads * seq * seq * batch
+        total += (2 * dtype_bytes + 4) * arch.heads * seq * seq * batch
     return total
+
+
+def saved_tensor_sizes(
+    arch: Arch,
+    *,
+    seq: int,
+    batch: int,
+    dtype_bytes: int,
+    grad_ckpt: bool,
+    method: str = "full",
+    target_fraction: float = 1.0,
+    lora_r: int = 16,
+    lora_targets: str | Iterable[str] | None = None,
+    adapter_bytes: int = 4,
+    attention: str = "sdpa",
+) -> list[tuple[int, int]]:
+    """Every activation tensor of one step as ``(bytes, count)`` pairs; their sum is
+    :func:`activation_bytes` (logits excluded)."""
+    tokens = seq * batch
+    n_t = int(tokens * target_fraction)
+    per_layer = layer_saved_tensors(arch, dtype_bytes=dtype_bytes, method=method,
+                                    lora_r=lora_r, lora_targets=lora_targets,
+                                    adapter_bytes=adapter_bytes)
+    eager = (2 * dtype_bytes + 4) * arch.heads * seq * seq * batch if attention == "eager" else 0
+    # Final norm's fp32 input copy, and the lm_head input at the target positions.
+    out = [(tokens * 4 * arch.hidden, 1), (n_t * dtype_bytes * arch.hidden, 1)]
+    if grad_ckpt:
+        # Each block's input, plus one block's full set while it is recomputed in backward.
+        out.append((tokens * dtype_bytes * arch.hidden, arch.layers))
+        out += [(w * tokens, 1) for w in per_layer]
+        if eager:
+            out.append((eager, 1))
+    else:
+        out += [(w * tokens, arch.layers) for w in per_layer]
+        if eager:
+            out.append((eager, arch.layers))
+    return out
 
 
 def activation_bytes(
@@ -252,14 +376,21 @@ def activation_bytes(
     activations while it is recomputed in backward. Both add the final norm's fp32 input copy
     (``4*h`` per token) and the lm_head input (``b*h`` per target token).
     """
-    one_layer = layer_activation_bytes(
-        arch, seq=seq, batch=batch, dtype_bytes=dtype_bytes, method=method, lora_r=lora_r,
-        lora_targets=lora_targets, adapter_bytes=adapter_bytes, attention=attention)
-    tokens = seq * batch
-    head = tokens * 4 * arch.hidden + int(tokens * target_fraction) * dtype_bytes * arch.hidden
-    if grad_ckpt:
-        return arch.layers * tokens * dtype_bytes * arch.hidden + one_layer + head
-    return arch.layers * one_layer + head
+    return sum(size * count for size, count in saved_tensor_sizes(
+        arch, seq=seq, batch=batch, dtype_bytes=dtype_bytes, grad_ckpt=grad_ckpt,
+        method=method, target_fraction=target_fraction, lora_r=lora_r,
+        lora_targets=lora_targets, adapter_bytes=adapter_bytes, attention=attention))
+
+
+def logits_tensor_sizes(arch: Arch, *, seq: int, batch: int, dtype_bytes: int,
+                        target_fraction: float = 1.0) -> list[int]:
+    """The logits tensors of one step: fp32 logits, their gradient, and the lm_head's own
+    output when the compute dtype is not fp32."""
+    n_t = int(batch * seq * target_fraction)
+    out = [n_t * arch.vocab * 4, n_t * arch.vocab * 4]
+    if dtype_bytes != 4:
+        out.append(n_t * arch.vocab * dtype_bytes)
+    return out
 
 
 def logits_bytes(arch: Arch, *, seq: int, batch: int, dtype_bytes: int,
@@ -271,15 +402,44 @@ def logits_bytes(arch: Arch, *, seq: int, batch: int, dtype_bytes: int,
     The tunelab trainer computes logits only at target positions, hence ``target_fraction``
     (1.0 = every position, as a plain Hugging Face forward does).
     """
-    n_t = int(batch * seq * target_fraction)
-    per = 8 + (dtype_bytes if dtype_bytes != 4 else 0)
-    return n_t * arch.vocab * per
+    return sum(logits_tensor_sizes(arch, seq=seq, batch=batch, dtype_bytes=dtype_bytes,
+                                   target_fraction=target_fraction))
+
+
+def _heap_gradient_bytes(arch: Arch, dtype_bytes: int) -> int:
+    """Full fine-tuning: bytes of the gradient tensors small enough for glibc's heap
+    (<= :data:`GLIBC_MMAP_MAX` each)."""
+    b = dtype_bytes
+    sizes = [(lin.in_features * lin.out_features * b, lin.count * arch.layers)
+             for lin in arch.linears()]
+    sizes.append((arch.embedding_params * b, 1))
+    if not arch.tied_embeddings:
+        sizes.append((arch.lm_head_params * b, 1))
+    small = sum(size * n for size, n in sizes if size <= GLIBC_MMAP_MAX)
+    return small + (arch.norm_params + arch.extra_params) * b
+
+
+def cpu_overhead_bytes(arch: Arch, method: str) -> int:
+    """What a CPU training process holds besides tensors (see the module docstring):
+    the imports (:data:`CPU_PROCESS_BASELINE_BYTES`, + :data:`CPU_PEFT_IMPORT_BYTES` for
+    lora/qlora), the trainer's runtime (:data:`CPU_RUNTIME_BYTES`) and the tokenizer
+    (:data:`CPU_TOKENIZER_BYTES_PER_TOKEN` per vocabulary entry)."""
+    total = CPU_PROCESS_BASELINE_BYTES + CPU_RUNTIME_BYTES
+    if method != "full":
+        total += CPU_PEFT_IMPORT_BYTES
+    return total + CPU_TOKENIZER_BYTES_PER_TOKEN * arch.vocab
 
 
 # ================================================================================= memory
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Peak training memory per device, broken down in bytes. ``total`` is the sum."""
+    """Peak training memory per device, broken down in bytes. ``total`` is the sum.
+
+    ``retained`` and ``overlap`` are CPU terms (0 on CUDA): the freed memory glibc's heap
+    keeps resident, and (negative) what is counted in gradients/activations/logits/workspace
+    but is never resident at the same moment (the peak is the larger of the two phases of a
+    step, see :func:`estimate_memory`).
+    """
 
     method: str
     weights: int  # base model weights as stored (dtype or quantized + kept-16-bit parts)
@@ -288,15 +448,17 @@ class MemoryEstimate:
     optimizer: int
     activations: int
     logits: int
-    workspace: int  # dequantization buffer, DDP buckets, FSDP all-gather
-    overhead: int  # CUDA context, or the CPU process baseline
+    workspace: int  # dequantization buffer, DDP buckets, FSDP all-gather, CPU step transients
+    overhead: int  # CUDA context, or the CPU process (imports, runtime, tokenizer)
     total_params: int
     trainable_params: int
     pageable: int = 0  # bytes a paged optimizer may evict to CPU RAM
     settings: dict[str, Any] = field(default_factory=dict)
+    retained: int = 0  # CPU: freed heap memory glibc keeps (CPU_HEAP_RETENTION)
+    overlap: int = 0  # CPU: <= 0, parts of the step that are never resident together
 
     COMPONENTS = ("weights", "adapters", "gradients", "optimizer", "activations", "logits",
-                  "workspace", "overhead")
+                  "workspace", "retained", "overlap", "overhead")
 
     @property
     def total(self) -> int:
@@ -340,13 +502,16 @@ def estimate_memory(
     gpus: int = 1,
     parallel: str = "ddp",
     overhead_bytes: int | None = None,
+    heap_retention: float | None = None,
+    checkpoint_dtype: str | None = None,
 ) -> MemoryEstimate:
     """Estimate peak training memory per device.
 
     Args:
         method: ``full`` (every weight trained), ``lora`` (16-bit frozen base + adapters) or
             ``qlora`` (quantized frozen base, ``quant``, + adapters).
-        device: ``cuda`` or ``cpu``; picks the overhead term and the default dtype.
+        device: ``cuda`` or ``cpu``; picks the overhead term, the default dtype and, on CPU,
+            the phase model and heap retention described in the module docstring.
         dtype: weights / compute dtype (``bf16``, ``fp16``, ``fp32``); default bf16 on CUDA,
             fp32 on CPU.
         grad_ckpt: gradient checkpointing per block.
@@ -360,7 +525,11 @@ def estimate_memory(
         gpus, parallel: data parallel over ``gpus`` devices, ``ddp`` (everything replicated,
             plus gradient buckets) or ``fsdp`` (weights, adapters, gradients and optimizer
             state sharded ``1/gpus``; activations are not).
-        overhead_bytes: replaces :data:`CUDA_CONTEXT_BYTES` / :data:`CPU_PROCESS_BASELINE_BYTES`.
+        overhead_bytes: replaces :data:`CUDA_CONTEXT_BYTES` / :func:`cpu_overhead_bytes`.
+        heap_retention: CPU only; replaces :data:`CPU_HEAP_RETENTION` (0 for an allocator
+            that returns freed memory, e.g. ``MALLOC_MMAP_THRESHOLD_=131072``).
+        checkpoint_dtype: CPU qlora only; dtype of the memory-mapped checkpoint the base is
+            quantized from (default ``dtype``).
 
     Parts kept in the compute dtype under qlora: token embedding, lm_head, norms, biases and
     ``arch.extra_params``. Full fine-tuning keeps weights and gradients in ``dtype``.
@@ -379,7 +548,10 @@ def estimate_memory(
         _check_positive(name, value)
     if not 0 < target_fraction <= 1:
         raise ConfigError(f"target_fraction must be in (0, 1], got {target_fraction}")
-    dtype = normalise_dtype(dtype or ("fp32" if device == "cpu" else "bf16"))
+    if heap_retention is not None and heap_retention < 0:
+        raise ConfigError(f"heap_retention must be >= 0, got {heap_retention}")
+    cpu = device == "cpu"
+    dtype = normalise_dtype(dtype or ("fp32" if cpu else "bf16"))
     b = DTYPE_BYTES[dtype]
     a = DTYPE_BYTES[normalise_dtype(adapter_dtype)]
     targets = normalise_targets(lora_targets)
@@ -399,14 +571,22 @@ def estimate_memory(
         else:
             kept_16bit = total_params - arch.linear_weight_params
             weights = int(quantized_linear_bytes(arch, quant)) + kept_16bit * b
+            if cpu:
+                # The checkpoint is memory-mapped; every linear weight read to be quantized
+                # stays resident while the mapping lives (the unquantized parts keep it).
+                c = DTYPE_BYTES[normalise_dtype(checkpoint_dtype or dtype)]
+                weights += arch.linear_weight_params * c
     optimizer_bytes = trainable * OPTIMIZER_BYTES_PER_PARAM[optimizer]
 
-    activations = activation_bytes(
-        arch, seq=seq, batch=batch, dtype_bytes=b, grad_ckpt=grad_ckpt, method=method,
+    act_kw: dict[str, Any] = dict(
+        seq=seq, batch=batch, dtype_bytes=b, grad_ckpt=grad_ckpt, method=method,
         target_fraction=target_fraction, lora_r=lora_r, lora_targets=targets, adapter_bytes=a,
         attention=attention)
-    logits = logits_bytes(arch, seq=seq, batch=batch, dtype_bytes=b,
-                          target_fraction=target_fraction)
+    tensors = saved_tensor_sizes(arch, **act_kw)
+    activations = sum(size * count for size, count in tensors)
+    logit_tensors = logits_tensor_sizes(arch, seq=seq, batch=batch, dtype_bytes=b,
+                                        target_fraction=target_fraction)
+    logits = sum(logit_tensors)
 
     workspace = 0
     if method == "qlora":
@@ -428,8 +608,41 @@ def estimate_memory(
         grads //= gpus
         optimizer_bytes //= gpus
 
+    retained = overlap = 0
+    if cpu:
+        # Phase model: the forward's saved tensors and the logits are freed during backward
+        # while gradients fill in, so the peak is the larger of the two ends of backward.
+        head_grad = arch.vocab * arch.hidden * b if method == "full" else 0
+        largest = (max(arch.vocab * arch.hidden, arch.largest_linear_params)
+                   if method == "full" else lora_r * max(
+                       max(lin.in_features, lin.out_features) for lin in arch.linears()))
+        transient = 0
+        if optimizer in ("adamw", "paged"):
+            transient = 2 * largest * 4  # AdamW's sqrt(v) and sqrt(v)/bc temporaries
+        if method == "full" and arch.tied_embeddings:
+            transient = max(transient, arch.vocab * arch.hidden * b)  # dense embedding grad
+        workspace += transient
+        backward_start = activations + logits + head_grad
+        backward_end = grads + transient
+        overlap = max(backward_start, backward_end) - (activations + logits + grads + transient)
+        # glibc keeps freed chunks up to its 32 MiB mmap threshold in the heap.
+        ratio = CPU_HEAP_RETENTION if heap_retention is None else heap_retention
+        if grad_ckpt:
+            # Checkpointing still runs every block's tensors through the heap (computed and
+            # dropped in forward, recomputed in backward), one block at a time.
+            ratio *= CPU_HEAP_RETENTION_CKPT
+            tensors = saved_tensor_sizes(arch, **(act_kw | {"grad_ckpt": False}))
+        eligible = sum(size * count for size, count in tensors if size <= GLIBC_MMAP_MAX)
+        eligible += sum(size for size in logit_tensors if size <= GLIBC_MMAP_MAX)
+        if method == "full":
+            # Measured: with every weight training, the retained space levels off at about
+            # the step's heap-sized gradients (the space they free at zero_grad() is what
+            # the next forward's activations partly land in).
+            eligible = min(eligible, _heap_gradient_bytes(arch, b))
+        retained = int(ratio * eligible)
+
     if overhead_bytes is None:
-        overhead_bytes = CPU_PROCESS_BASELINE_BYTES if device == "cpu" else CUDA_CONTEXT_BYTES
+        overhead_bytes = cpu_overhead_bytes(arch, method) if cpu else CUDA_CONTEXT_BYTES
 
     settings = {
         "seq": seq, "batch": batch, "device": device, "dtype": dtype, "grad_ckpt": grad_ckpt,
@@ -439,6 +652,9 @@ def estimate_memory(
         "quant": quant if method == "qlora" else None, "target_fraction": target_fraction,
         "attention": attention, "gpus": gpus, "parallel": parallel if gpus > 1 else None,
     }
+    if cpu:
+        settings["heap_retention"] = CPU_HEAP_RETENTION if heap_retention is None \
+            else heap_retention
     return MemoryEstimate(
         method=method,
         weights=int(weights),
@@ -453,6 +669,8 @@ def estimate_memory(
         trainable_params=trainable,
         pageable=int(optimizer_bytes) if optimizer == "paged" else 0,
         settings=settings,
+        retained=retained,
+        overlap=int(overlap),
     )
 
 

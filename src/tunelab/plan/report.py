@@ -24,7 +24,7 @@ from tunelab.plan.catalog import (
     resolve_model,
 )
 from tunelab.plan.estimate import (
-    CPU_PROCESS_BASELINE_BYTES,
+    CPU_HEAP_RETENTION,
     CUDA_CONTEXT_BYTES,
     DEFAULT_HEADROOM,
     DEFAULT_UTILIZATION,
@@ -34,6 +34,7 @@ from tunelab.plan.estimate import (
     FitStatus,
     MemoryEstimate,
     TimeEstimate,
+    cpu_overhead_bytes,
     estimate_memory,
     estimate_time,
     fit_status,
@@ -56,6 +57,10 @@ def fmt_bytes(n: float) -> str:
     if n >= GiB:
         return f"{n / GiB:.2f} GiB"
     return f"{n / MiB:.0f} MiB"
+
+
+def _signed_bytes(n: float) -> str:
+    return f"-{fmt_bytes(-n)}" if n < 0 else fmt_bytes(n)
 
 
 def fmt_count(n: float) -> str:
@@ -486,9 +491,10 @@ def _assumptions(plan: Plan, common: dict[str, Any]) -> list[str]:
     gpu = plan.gpu
     overhead = common.get("overhead_bytes")
     if overhead is None:
-        overhead = CPU_PROCESS_BASELINE_BYTES if gpu.kind == "cpu" else CUDA_CONTEXT_BYTES
-    what = "CPU process baseline (python + torch + transformers + peft, measured RSS)" \
-        if gpu.kind == "cpu" else "CUDA context"
+        overhead = (cpu_overhead_bytes(plan.arch, plan.recommendation or plan.shown[-1])
+                    if gpu.kind == "cpu" else CUDA_CONTEXT_BYTES)
+    what = ("CPU process baseline (imports of python + torch + transformers [+ peft], trainer "
+            "runtime, tokenizer; measured RSS)" if gpu.kind == "cpu" else "CUDA context")
     opt = common["optimizer"]
     lines = [
         f"usable memory = {plan.headroom:.0%} of {gpu.memory_gib:.1f} GiB = "
@@ -510,6 +516,12 @@ def _assumptions(plan: Plan, common: dict[str, Any]) -> list[str]:
         f"(+attention; +1 forward with checkpointing); qlora x{QLORA_SLOWDOWN:g} for "
         f"dequantization (assumed)",
     ]
+    if gpu.kind == "cpu":
+        lines.append(
+            "cpu: peak RSS = the larger of the two ends of backward (saved activations + "
+            "logits, or all gradients + the optimizer's temporaries), not their sum; "
+            f"'allocator-held' = freed heap memory glibc keeps, {CPU_HEAP_RETENTION:g} x the "
+            "heap-sized activations (measured; 0 with MALLOC_MMAP_THRESHOLD_=131072)")
     if plan.gpus > 1:
         lines.append(f"{plan.gpus} GPUs: DDP replicates everything (+ gradient buckets); FSDP "
                      f"shards weights, gradients and optimizer state 1/{plan.gpus}, not "
@@ -540,6 +552,8 @@ _ROW_NAMES = {
     "activations": "activations",
     "logits": "logits",
     "workspace": "workspace",
+    "retained": "allocator-held",
+    "overlap": "not resident at once",
     "overhead": "overhead",
 }
 
@@ -553,9 +567,9 @@ def _memory_table(plan: Plan, estimates: dict[str, MemoryEstimate],
                              ["", *(plan.methods[m].label for m in names)], ["---"]]
     for comp, label in _ROW_NAMES.items():
         values = [getattr(estimates[m], comp) for m in names]
-        if comp in ("adapters", "workspace") and not any(values):
+        if comp in ("adapters", "workspace", "retained", "overlap") and not any(values):
             continue
-        rows.append([label, *(fmt_bytes(v) for v in values)])
+        rows.append([label, *(_signed_bytes(v) for v in values)])
     rows.append(["---"])
     rows.append(["total peak", *(fmt_bytes(estimates[m].total) for m in names)])
     rows.append(["trainable params", *(
