@@ -347,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve_cli.add_parser(sub)
     export.add_parser(sub)
+    from tunelab.ui import cli as ui_cli
+
+    ui_cli.add_parser(sub)
     return parser
 
 

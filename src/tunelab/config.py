@@ -81,6 +81,10 @@ class TrainConfig:
     grad_accum: int = 1
     grad_clip: float = 1.0
     grad_ckpt: bool = False
+    # throughput: padding-free micro-batches (attention kept within each example), or
+    # padded ones grouped by length; neither changes which examples make up a step
+    packing: bool = True
+    group_by_length: bool = False
     seed: int = 0
     # evaluation and checkpoints
     eval_every: int = 0

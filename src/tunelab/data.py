@@ -408,6 +408,13 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Non-padding tokens of a padded (attention_mask) or packed (one row) batch."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel())
+
+
 class BatchSchedule:
     """Which examples make up micro-batch *k* of a run, as a pure function of *k*.
 
@@ -415,20 +422,44 @@ class BatchSchedule:
     micro-batch *k* is the *k*-th slice of that stream. Because the position is a function
     of the step alone, resuming at step *s* needs no saved sampler state, and a different
     number of data-parallel ranks can split each micro-batch between them.
+
+    With ``lengths`` (length-grouped batching), each window of ``GROUP_WINDOW`` batches of
+    that random order is sorted by length and cut into batches, and the batches of the epoch
+    are shuffled again (same seed): every example is still seen once per epoch, in batches
+    of similar lengths, so a padded batch carries little padding.
     """
 
-    def __init__(self, n_examples: int, batch_size: int, seed: int) -> None:
+    GROUP_WINDOW = 64
+
+    def __init__(self, n_examples: int, batch_size: int, seed: int,
+                 lengths: Sequence[int] | None = None) -> None:
         self.n = n_examples
         self.batch_size = batch_size
         self.seed = seed
+        self.lengths = list(lengths) if lengths is not None else None
         self.batches_per_epoch = max(1, -(-n_examples // batch_size))
         self._orders: dict[int, list[int]] = {}
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
             gen = torch.Generator().manual_seed(self.seed + epoch)
-            self._orders = {epoch: torch.randperm(self.n, generator=gen).tolist()}
+            order = torch.randperm(self.n, generator=gen).tolist()
+            if self.lengths is not None:
+                order = self._grouped(order, gen)
+            self._orders = {epoch: order}
         return self._orders[epoch]
+
+    def _grouped(self, order: list[int], gen: torch.Generator) -> list[int]:
+        window = self.GROUP_WINDOW * self.batch_size
+        batches: list[list[int]] = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start:start + window], key=lambda i: -self.lengths[i])
+            batches += [chunk[j:j + self.batch_size]
+                        for j in range(0, len(chunk), self.batch_size)]
+        short = [b for b in batches if len(b) < self.batch_size]  # at most one: kept last
+        full = [b for b in batches if len(b) == self.batch_size]
+        shuffled = [full[i] for i in torch.randperm(len(full), generator=gen).tolist()]
+        return [i for b in shuffled + short for i in b]
 
     def indices(self, k: int) -> list[int]:
         epoch, pos = divmod(k, self.batches_per_epoch)

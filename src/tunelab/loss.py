@@ -50,11 +50,14 @@ class TargetLoss(torch.nn.Module):
         self.head = inner.get_output_embeddings()
         self.softcap = getattr(inner.config, "final_logit_softcapping", None)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor, position_ids: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, **packing: torch.Tensor,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A padded batch has ``attention_mask``; a packed one (:mod:`tunelab.packing`)
+        has ``position_ids`` and its sequence bounds instead."""
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask,
-                                  "use_cache": False}
+                                  "use_cache": False, **packing}
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
         hidden = self.backbone(**kwargs).last_hidden_state
@@ -71,8 +74,8 @@ class TargetLoss(torch.nn.Module):
 def full_logits_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference path: full logits through the model's own forward. Used in tests."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   use_cache=False).logits.float()
+    extra = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
+    logits = model(input_ids=batch["input_ids"], use_cache=False, **extra).logits.float()
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
     loss = F.cross_entropy(logits[:, :-1][mask], targets[mask], reduction="sum")

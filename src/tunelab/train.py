@@ -28,7 +28,7 @@ import os
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from tunelab.config import TrainConfig, save_config
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.loss import TargetLoss, unwrap
 from tunelab.memory import fmt_bytes, model_memory_parts, peak_memory_bytes
+from tunelab.packing import BOUNDS_KEY, collate_packed, supports_packing, use_packed_attention
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,9 @@ def load_datasets(cfg: TrainConfig, tokenizer: Any
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    # packing bounds stay on the host: attention slices by them in every layer
+    return {k: v if k == BOUNDS_KEY else v.to(device, non_blocking=True)
+            for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -262,7 +265,7 @@ def train_step(step_fn: torch.nn.Module, micro: list[dict[str, torch.Tensor]],
             (loss_sum * (info.world / n_targets)).backward()
         loss_total += float(loss_sum.detach())
     loss_total = dist.all_reduce_sum(loss_total, info, device)
-    tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+    tokens = sum(data.batch_tokens(b) for b in micro)
     return StepResult(loss_total / n_targets, tokens, int(n_targets))
 
 
@@ -274,12 +277,11 @@ def step_batches(train_set: list[data.Example], schedule: data.BatchSchedule, st
     for j in range(cfg.grad_accum):
         indices = schedule.indices(step * cfg.grad_accum + j)
         mine = indices[info.rank * cfg.batch_size:(info.rank + 1) * cfg.batch_size]
-        if mine:
-            out.append(data.collate([train_set[i] for i in mine], pad_id))
-        else:  # an epoch's short last batch left this process nothing: join with no targets
-            empty = data.collate([train_set[indices[-1]]], pad_id)
-            empty["labels"].fill_(data.IGNORE_INDEX)
-            out.append(empty)
+        examples = [train_set[i] for i in mine or indices[-1:]]
+        batch = collate_packed(examples) if cfg.packing else data.collate(examples, pad_id)
+        if not mine:  # an epoch's short last batch left this process nothing: no targets
+            batch["labels"].fill_(data.IGNORE_INDEX)
+        out.append(batch)
     return out
 
 
@@ -303,6 +305,13 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed + info.rank)  # dropout differs per process, data order does not
     model, tokenizer = prepare_model(cfg, device)
+    if cfg.packing:
+        if supports_packing(model):
+            use_packed_attention(model)
+        else:
+            log.info("packing off: %s does not use transformers' attention interface; "
+                     "micro-batches are padded", type(unwrap(model)).__name__)
+            cfg = replace(cfg, packing=False)
     train_set, val_set, stats = load_datasets(cfg, tokenizer)
     log.info("data: %d train / %d validation examples; %d truncated, %d dropped (max_length %d)",
              len(train_set), len(val_set), stats.n_truncated, stats.n_dropped, cfg.max_length)
@@ -326,7 +335,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
     optimizer = build_optimizer(cfg, trainable)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     global_batch = cfg.batch_size * info.world
-    schedule = data.BatchSchedule(len(train_set), global_batch, cfg.seed)
+    lengths = [len(e.input_ids) for e in train_set] if cfg.group_by_length else None
+    schedule = data.BatchSchedule(len(train_set), global_batch, cfg.seed, lengths)
     steps = total_steps(cfg, len(train_set) // info.world)
 
     state = checkpoint.TrainState(extra={"global_batch": global_batch})

@@ -53,7 +53,10 @@ def test_compare_to_run_prints_measured_and_planned(tiny_run) -> None:
     model, cfg, train_set = tiny_run
     est, shape = run_estimate(model, cfg, train_set, steps=2)
     assert est.method == "full" and est.settings["device"] == "cpu"
-    assert shape.width == len(train_set[0].input_ids) and shape.batch == 2
+    # packed (the default): one row holding both examples
+    assert shape.width == 2 * len(train_set[0].input_ids) and shape.batch == 1
+    padded = run_estimate(model, replace(cfg, packing=False), train_set, steps=2)[1]
+    assert padded.width == len(train_set[0].input_ids) and padded.batch == 2
     line = compare_to_run(model, cfg, est.total, train_set, steps=2)
     assert line.startswith("memory: peak RSS") and "(+0%)" in line and "full" in line
     far = compare_to_run(model, cfg, est.total * 2, train_set, steps=2)

@@ -40,7 +40,8 @@ class RunShape:
 
 
 def run_shape(examples: Sequence[Any], batch_size: int, seed: int, micro_batches: int, *,
-              rank: int = 0, world: int = 1) -> RunShape:
+              rank: int = 0, world: int = 1, packed: bool = False,
+              group_by_length: bool = False) -> RunShape:
     """Replay the trainer's :class:`tunelab.data.BatchSchedule` for the first
     ``micro_batches`` micro-batches and return the largest one this rank saw.
 
@@ -48,6 +49,7 @@ def run_shape(examples: Sequence[Any], batch_size: int, seed: int, micro_batches
     are ``len(batch) x longest``; targets are label positions after the first one (the loss
     predicts token t+1 from position t). The largest token count and the largest target count
     are taken separately (an upper bound when they come from different micro-batches).
+    A packed micro-batch (``packed``) is one row of ``sum(lengths)`` tokens, no padding.
     """
     from tunelab.data import IGNORE_INDEX, BatchSchedule
 
@@ -55,15 +57,18 @@ def run_shape(examples: Sequence[Any], batch_size: int, seed: int, micro_batches
         raise ConfigError("no training examples to size the run from")
     lengths = [len(e.input_ids) for e in examples]
     targets = [sum(1 for t in e.labels[1:] if t != IGNORE_INDEX) for e in examples]
-    schedule = BatchSchedule(len(examples), batch_size * world, seed)
+    schedule = BatchSchedule(len(examples), batch_size * world, seed,
+                             lengths if group_by_length else None)
     best_tokens, best = 0, RunShape(1, max(lengths), max(targets))
     best_targets = 0
     for k in range(max(1, micro_batches)):
         indices = schedule.indices(k)
         mine = indices[rank * batch_size:(rank + 1) * batch_size] or indices[-1:]
-        width = max(lengths[i] for i in mine)
-        if len(mine) * width > best_tokens:
-            best_tokens, best = len(mine) * width, RunShape(len(mine), width, 0)
+        rows, width = len(mine), max(lengths[i] for i in mine)
+        if packed:
+            rows, width = 1, sum(lengths[i] for i in mine)
+        if rows * width > best_tokens:
+            best_tokens, best = rows * width, RunShape(rows, width, 0)
         best_targets = max(best_targets, sum(targets[i] for i in mine))
     return RunShape(best.batch, best.width, best_targets)
 
@@ -102,7 +107,8 @@ def run_estimate(model: Any, cfg: Any, examples: Sequence[Any], steps: int, *,
     inner = unwrap(model)
     arch = arch_from_hf_config(inner.config.to_dict())
     shape = run_shape(examples, cfg.batch_size, cfg.seed, steps * cfg.grad_accum,
-                      rank=rank, world=world)
+                      rank=rank, world=world, packed=getattr(cfg, "packing", False),
+                      group_by_length=getattr(cfg, "group_by_length", False))
     params = list(model.parameters())
     device = params[0].device.type if params else "cpu"
     if device not in ("cpu", "cuda"):

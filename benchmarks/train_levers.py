@@ -1,0 +1,118 @@
+"""Each throughput lever of tunelab's training step, measured on its own.
+
+    python benchmarks/train_levers.py [--examples 24] [--rounds 3] [--json out.json]
+
+One process, one SmolLM2-135M LoRA model (r=16, all linear layers, fp32), the same chat
+records as ``benchmarks/train_throughput.py`` (Wikipedia summaries, varied lengths). Every
+variant trains on the same examples in the same steps (batch 8); the variants run
+interleaved, round after round, and the table shows the median tokens/s (non-padding tokens
+over the steps' wall time), against the baseline and against the row above:
+
+* ``baseline``: padded random batches, full logits (``model(...).logits``), AdamW for-loop;
+* ``+ target-only logits``: the output layer only at target positions (:mod:`tunelab.loss`);
+* ``+ length grouping``: padded batches of similar lengths (``group_by_length``);
+* ``+ packing`` (instead of grouping): padding-free rows, attention per example
+  (:mod:`tunelab.packing`);
+* ``+ fused AdamW``: ``torch.optim.AdamW(fused=True)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+BATCH = 8
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=24)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    from train_throughput import build_data
+
+    from tunelab import data
+    from tunelab.config import build_config
+    from tunelab.loss import TargetLoss, full_logits_loss
+    from tunelab.models import convert_gguf, resolve_model
+    from tunelab.packing import collate_packed, use_packed_attention
+    from tunelab.train import load_datasets, prepare_model
+
+    model_dir = convert_gguf(resolve_model("smollm2-135m").path)
+    with tempfile.TemporaryDirectory() as tmp:
+        stats = build_data(Path(tmp), model_dir, args.examples, 1, args.max_length)
+        cfg = build_config({"model": str(model_dir), "data": str(Path(tmp) / "train.jsonl"),
+                            "val_fraction": 0.0, "max_length": args.max_length,
+                            "device": "cpu", "dtype": "fp32"}, source="levers")
+        model, tok = prepare_model(cfg, torch.device("cpu"))
+        examples, _, _ = load_datasets(cfg, tok)
+    use_packed_attention(model)  # falls back to SDPA for padded batches
+    pad = tok.pad_token_id
+    loss_fn = TargetLoss(model).train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n = len(examples)
+    random_order = data.BatchSchedule(n, BATCH, seed=0)
+    grouped = data.BatchSchedule(n, BATCH, seed=0, lengths=[len(e.input_ids) for e in examples])
+    steps = random_order.batches_per_epoch
+
+    def batches(schedule, packed):
+        out = []
+        for k in range(steps):
+            exs = [examples[i] for i in schedule.indices(k)]
+            out.append(collate_packed(exs) if packed else data.collate(exs, pad))
+        return out
+
+    def full_logits(**batch):
+        return full_logits_loss(model, batch)
+
+    variants = {
+        "baseline": (full_logits, batches(random_order, False), {}),
+        "+ target-only logits": (loss_fn, batches(random_order, False), {}),
+        "+ length grouping": (loss_fn, batches(grouped, False), {}),
+        "+ packing (no grouping)": (loss_fn, batches(random_order, True), {}),
+        "+ fused AdamW": (loss_fn, batches(random_order, True), {"fused": True}),
+    }
+    optimizers = {name: torch.optim.AdamW(trainable, lr=1e-5, foreach=False, **kw)
+                  for name, (_, _, kw) in variants.items()}
+    tokens = sum(len(e.input_ids) for e in examples)
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(args.rounds):
+        for name, (fn, step_batches, _) in variants.items():
+            opt = optimizers[name]
+            start = time.perf_counter()
+            for batch in step_batches:
+                loss, count = fn(**batch)
+                (loss / count).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            rates[name].append(tokens / (time.perf_counter() - start))
+            print(f"  round {r + 1} {name:26} {rates[name][-1]:7.1f} tok/s", flush=True)
+    print(f"\n{n} examples ({stats['min_len']}-{stats['max_len']} tokens, median "
+          f"{stats['median_len']}), {steps} steps of batch {BATCH}, medians of {args.rounds}")
+    base = statistics.median(rates["baseline"])
+    previous = base
+    rows = {}
+    for name, values in rates.items():
+        med = statistics.median(values)
+        print(f"{name:26} {med:7.1f} tok/s   x{med / base:.2f} of baseline   "
+              f"x{med / previous:.2f} of the row above")
+        rows[name] = {"tokens_per_s": med, "runs": values}
+        previous = med
+    if args.json:
+        Path(args.json).write_text(json.dumps({"data": stats, "variants": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

