@@ -11,7 +11,10 @@ Routes (all JSON; errors in OpenAI's shape ``{"error": {"message", "type", "para
   unload adapters at run time, only with ``admin=True`` and only from ``adapter_dirs``;
 * ``GET /health``: liveness, without the API key.
 
-With ``api_key`` set every other route needs ``Authorization: Bearer <key>``.
+With ``api_key`` set every other route needs ``Authorization: Bearer <key>``. A request body
+must arrive within ``body_timeout`` seconds (else 408 and the connection is closed); the
+deadlines for headers and for slow readers are the HTTP protocol's
+(:mod:`tunelab.serve.server`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from tunelab.errors import TunelabError
 from tunelab.serve.engine import (
@@ -50,15 +54,20 @@ MAX_STOPS = 4
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = (status, message, type,
                                                                         param, code)
+        self.headers = dict(headers or {})
 
     @classmethod
     def from_engine(cls, exc: EngineError) -> APIError:
         kind = "server_error" if exc.status >= 500 else "invalid_request_error"
-        return cls(exc.status, str(exc), type=kind, param=exc.param, code=exc.code)
+        # 503: the queue is full or the server is stopping; clients may retry (openai's do)
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        return cls(exc.status, str(exc), type=kind, param=exc.param, code=exc.code,
+                   headers=headers)
 
 
 def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
@@ -155,12 +164,37 @@ def _messages(body: dict) -> list[dict[str, str]]:
 # ---------------------------------------------------------------------------- the app
 
 
+class HeaderLimit:
+    """Answers 431 when a request's target and headers exceed ``max_bytes`` together.
+    (h11 refuses more than 16 KiB of headers only while they are still incomplete: headers
+    that arrive in one piece pass it whatever their size.)"""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") \
+                + sum(len(k) + len(v) + 4 for k, v in scope.get("headers") or ())
+            if size > self.max_bytes:
+                response = JSONResponse(
+                    error_body(f"the request's headers are larger than {self.max_bytes} bytes",
+                               code="headers_too_large"),
+                    status_code=431, headers={"Connection": "close"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(engine: Engine, *, api_key: str | None = None, admin: bool = False,
                adapter_dirs: Sequence[str | Path] = (), max_request_bytes: int = 1 << 20,
-               max_tokens_limit: int = 1024, default_max_tokens: int = 256) -> Any:
+               max_tokens_limit: int = 1024, default_max_tokens: int = 256,
+               body_timeout: float = 30.0, max_header_bytes: int = 16 * 1024) -> Any:
     """A FastAPI app serving ``engine``; it starts the engine's worker if it is not running."""
     if admin and not adapter_dirs:
         raise TunelabError("the admin endpoint needs at least one --adapter-dir to load from")
+    if body_timeout <= 0:
+        raise TunelabError("body_timeout must be positive")
     allowed = [Path(d).expanduser().resolve() for d in adapter_dirs]
     key = api_key.encode() if api_key else None
     default_max_tokens = min(default_max_tokens, max_tokens_limit)
@@ -178,10 +212,12 @@ def create_app(engine: Engine, *, api_key: str | None = None, admin: bool = Fals
     app = FastAPI(title="tunelab serve", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.engine = engine
+    app.add_middleware(HeaderLimit, max_bytes=max_header_bytes)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        headers = {**exc.headers, **({"WWW-Authenticate": "Bearer"} if exc.status == 401
+                                     else {})}
         return JSONResponse(error_body(exc.message, type=exc.type, param=exc.param,
                                        code=exc.code), status_code=exc.status, headers=headers)
 
@@ -217,15 +253,27 @@ def create_app(engine: Engine, *, api_key: str | None = None, admin: bool = Fals
         if declared is not None and declared.isdigit() and int(declared) > max_request_bytes:
             raise APIError(413, f"request body larger than {max_request_bytes} bytes",
                            code="request_too_large")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_request_bytes:
-                raise APIError(413, f"request body larger than {max_request_bytes} bytes",
-                               code="request_too_large")
-            chunks.append(chunk)
+
+        async def read_body() -> bytes:
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_request_bytes:
+                    raise APIError(413, f"request body larger than {max_request_bytes} bytes",
+                                   code="request_too_large")
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        try:  # a client that sends its headers and then stalls must not hold the request
+            raw = await asyncio.wait_for(read_body(), body_timeout)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {body_timeout:g} s",
+                           code="request_timeout", headers={"Connection": "close"}) from None
+        except ClientDisconnect:
+            raise APIError(400, "the client went away before sending the whole body",
+                           code="client_disconnected") from None
         try:
-            body = json.loads(b"".join(chunks))
+            body = json.loads(raw)
         except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
             raise APIError(400, f"the request body is not valid JSON: {exc}",
                            code="invalid_json") from None

@@ -79,7 +79,13 @@ def add_parser(subparsers: Any) -> None:
                    help="max_tokens when a request does not say")
     p.add_argument("--max-request-bytes", type=int, default=1 << 20,
                    help="largest request body (bytes)")
-    p.add_argument("--max-queue", type=int, default=1024, help="requests waiting at most")
+    p.add_argument("--max-queue", type=int, default=1024,
+                   help="requests waiting at most; more are answered 503 'overloaded'")
+    p.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a request's headers, and then its body, must arrive within this "
+                   "long (else the connection is closed, or 408)")
+    p.add_argument("--write-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="drop a client that leaves its answer unread this long")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--base-bits", type=int, choices=(4, 8, 16), default=16,
@@ -98,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
 
         from tunelab.serve.app import create_app
+        from tunelab.serve.server import server_config
     except ImportError as exc:
         raise TunelabError(f"tunelab serve needs fastapi and uvicorn ({exc}); "
                            "pip install fastapi uvicorn") from None
@@ -110,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.admin and not args.adapter_dir:
         raise TunelabError("--admin needs at least one --adapter-dir to load adapters from")
+    if args.read_timeout <= 0 or args.write_timeout <= 0:
+        raise TunelabError("--read-timeout and --write-timeout must be positive")
     if not _is_loopback(args.host) and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach this address can "
                     "use the models (set --api-key or TUNELAB_API_KEY)", args.host)
@@ -121,9 +130,11 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(engine, api_key=api_key, admin=args.admin, adapter_dirs=args.adapter_dir,
                      max_request_bytes=args.max_request_bytes,
                      max_tokens_limit=args.max_tokens_limit,
-                     default_max_tokens=args.default_max_tokens)
+                     default_max_tokens=args.default_max_tokens,
+                     body_timeout=args.read_timeout)
     print(f"serving {', '.join(engine.model_ids)} on http://{args.host}:{args.port}/v1"
           + (" (API key required)" if api_key else ""), flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=5)
+    uvicorn.Server(server_config(app, host=args.host, port=args.port,
+                                 log_level=args.log_level, read_timeout=args.read_timeout,
+                                 write_timeout=args.write_timeout)).run()
     return 0
