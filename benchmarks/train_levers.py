@@ -13,7 +13,8 @@ over the steps' wall time), against the baseline and against the row above:
 * ``+ length grouping``: padded batches of similar lengths (``group_by_length``);
 * ``+ packing`` (instead of grouping): padding-free rows, attention per example
   (:mod:`tunelab.packing`);
-* ``+ fused AdamW``: ``torch.optim.AdamW(fused=True)``.
+* ``+ fused AdamW``: ``torch.optim.AdamW(fused=True)``;
+* ``+ fused LoRA update``, ``+ fused RMSNorm``: :mod:`tunelab.kernels`, one after the other.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def main() -> None:
 
     from tunelab import data
     from tunelab.config import build_config
+    from tunelab.kernels import fuse_lora, fuse_rms_norm, unfuse
     from tunelab.loss import TargetLoss, full_logits_loss
     from tunelab.models import convert_gguf, resolve_model
     from tunelab.packing import collate_packed, use_packed_attention
@@ -83,7 +85,11 @@ def main() -> None:
         "+ length grouping": (loss_fn, batches(grouped, False), {}),
         "+ packing (no grouping)": (loss_fn, batches(random_order, True), {}),
         "+ fused AdamW": (loss_fn, batches(random_order, True), {"fused": True}),
+        "+ fused LoRA update": (loss_fn, batches(random_order, True), {"fused": True}),
+        "+ fused RMSNorm": (loss_fn, batches(random_order, True), {"fused": True}),
     }
+    # which tunelab.kernels fusions each variant runs with
+    fusions = {"+ fused LoRA update": (fuse_lora,), "+ fused RMSNorm": (fuse_lora, fuse_rms_norm)}
     optimizers = {name: torch.optim.AdamW(trainable, lr=1e-5, foreach=False, **kw)
                   for name, (_, _, kw) in variants.items()}
     tokens = sum(len(e.input_ids) for e in examples)
@@ -91,6 +97,9 @@ def main() -> None:
     for r in range(args.rounds):
         for name, (fn, step_batches, _) in variants.items():
             opt = optimizers[name]
+            unfuse(model)
+            for fuse in fusions.get(name, ()):
+                fuse(model)
             start = time.perf_counter()
             for batch in step_batches:
                 loss, count = fn(**batch)

@@ -180,7 +180,8 @@ def run_tunelab(args: argparse.Namespace, work: Path) -> dict:
     from tunelab.models import load_model
     from tunelab.train import train
 
-    values = {"model": str(args.model_dir), "data": str(args.data / "train.jsonl"),
+    # the alias resolves to the same converted checkpoint the other systems load
+    values = {"model": "smollm2-135m", "data": str(args.data / "train.jsonl"),
               "val_fraction": 0.0, "method": args.method, "lora_r": LORA["r"],
               "lora_alpha": LORA["alpha"], "lora_dropout": LORA["dropout"], "lr": args.lr,
               "schedule": "linear", "warmup_steps": 0, "batch_size": args.batch,
@@ -399,11 +400,11 @@ def main() -> None:
     parser.add_argument("--methods", default="lora,qlora")
     parser.add_argument("--systems", default=None, help="comma list; default: all")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--val", type=int, default=16)
+    parser.add_argument("--val", type=int, default=8)
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--trl-bf16-adapters", action="store_true",
                         help="keep TRL's bf16 QLoRA adapters in trl-default (very slow on CPU)")

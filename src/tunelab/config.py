@@ -85,6 +85,7 @@ class TrainConfig:
     # padded ones grouped by length; neither changes which examples make up a step
     packing: bool = True
     group_by_length: bool = False
+    fused_kernels: bool = True  # tunelab.kernels: fused LoRA update and RMSNorm, same math
     seed: int = 0
     # evaluation and checkpoints
     eval_every: int = 0

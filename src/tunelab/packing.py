@@ -67,12 +67,14 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
     gqa = query.shape[1] != key.shape[1]
-    edges = bounds.tolist()
+    lengths = bounds.diff().tolist()
+    # split, not slicing: the backward of a split is one concatenation, while each slice's
+    # backward would zero-fill and accumulate a gradient the size of the whole row
     outputs = [
-        F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
-                                       dropout_p=dropout if module.training else 0.0,
+        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout if module.training else 0.0,
                                        is_causal=True, scale=scaling, enable_gqa=gqa)
-        for s, e in zip(edges[:-1], edges[1:], strict=True)
+        for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2),
+                           value.split(lengths, dim=2), strict=True)
     ]
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     return out.transpose(1, 2).contiguous(), None

@@ -312,6 +312,11 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
             log.info("packing off: %s does not use transformers' attention interface; "
                      "micro-batches are padded", type(unwrap(model)).__name__)
             cfg = replace(cfg, packing=False)
+    if cfg.fused_kernels:
+        from tunelab.kernels import fuse_lora, fuse_rms_norm
+
+        log.debug("fused kernels: %d LoRA layers, %d norms", fuse_lora(model),
+                  fuse_rms_norm(model))
     train_set, val_set, stats = load_datasets(cfg, tokenizer)
     log.info("data: %d train / %d validation examples; %d truncated, %d dropped (max_length %d)",
              len(train_set), len(val_set), stats.n_truncated, stats.n_dropped, cfg.max_length)
