@@ -10,6 +10,7 @@ over the steps' wall time), against the baseline and against the row above:
 
 * ``baseline``: padded random batches, full logits (``model(...).logits``), AdamW for-loop;
 * ``+ target-only logits``: the output layer only at target positions (:mod:`tunelab.loss`);
+* ``+ chunked cross-entropy``: those logits 128 rows at a time (``ChunkedCrossEntropy``);
 * ``+ length grouping``: padded batches of similar lengths (``group_by_length``);
 * ``+ packing`` (instead of grouping): padding-free rows, attention per example
   (:mod:`tunelab.packing`);
@@ -63,6 +64,7 @@ def main() -> None:
     use_packed_attention(model)  # falls back to SDPA for padded batches
     pad = tok.pad_token_id
     loss_fn = TargetLoss(model).train()
+    unchunked = TargetLoss(model, chunked=False).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     n = len(examples)
     random_order = data.BatchSchedule(n, BATCH, seed=0)
@@ -81,7 +83,8 @@ def main() -> None:
 
     variants = {
         "baseline": (full_logits, batches(random_order, False), {}),
-        "+ target-only logits": (loss_fn, batches(random_order, False), {}),
+        "+ target-only logits": (unchunked, batches(random_order, False), {}),
+        "+ chunked cross-entropy": (loss_fn, batches(random_order, False), {}),
         "+ length grouping": (loss_fn, batches(grouped, False), {}),
         "+ packing (no grouping)": (loss_fn, batches(random_order, True), {}),
         "+ fused AdamW": (loss_fn, batches(random_order, True), {"fused": True}),

@@ -149,9 +149,11 @@ def step_flops(config: dict, lengths: list[int], targets: list[int], lora_r: int
 # one run (in its own process)
 
 def peak_rss_bytes() -> int:
-    import resource
+    import torch
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from tunelab.memory import peak_memory_bytes
+
+    return peak_memory_bytes(torch.device("cpu"))
 
 
 def heldout_loss(model: Any, tokenizer: Any, val_path: Path, max_length: int) -> float:

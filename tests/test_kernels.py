@@ -47,6 +47,9 @@ def test_lora_delta_matches_autograd_of_the_plain_formula():
     y = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda y, x, a, b: LoraDelta.apply(y, x, a, b, 0.7),
                                     (y, x, a, b))
+    # in place into a non-leaf output (the base layer's), as in a model
+    assert torch.autograd.gradcheck(lambda y, x, a, b: LoraDelta.apply(y * 1, x, a, b, 0.7),
+                                    (y, x, a, b))
     torch.testing.assert_close(LoraDelta.apply(y, x, a, b, 0.7), y + (x @ a.T) @ b.T * 0.7)
 
 

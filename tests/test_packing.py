@@ -200,3 +200,28 @@ def test_training_runs_attention_through_the_packed_kernel(tiny_model_dir, tiny_
     # one causal call per example and layer, each on that example's own length, no mask
     assert sorted(seen) == sorted((len(e.input_ids), True, None) for e in examples
                                   for _ in range(layers))
+
+
+def test_chunked_target_loss_gives_the_full_logits_gradients_of_full_fine_tuning(
+        tiny_model_dir, tiny_tokenizer, monkeypatch):
+    from tunelab.loss import ChunkedCrossEntropy
+
+    monkeypatch.setattr(ChunkedCrossEntropy, "CHUNK", 5)  # several chunks, a short last one
+    model, _ = models.load_model(str(tiny_model_dir), device="cpu")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    batch = data.collate(_examples(tiny_tokenizer), tiny_tokenizer.pad_token_id)
+    model.zero_grad()
+    fast, n = TargetLoss(model)(**batch)
+    assert fast.grad_fn is not None and "ChunkedCrossEntropy" in type(fast.grad_fn).__name__
+    assert int(n) > 5
+    (fast * 0.5).backward()  # the incoming gradient is applied
+    g_fast = _grads(model)
+    model.zero_grad()
+    slow, _ = full_logits_loss(model, batch)
+    (slow * 0.5).backward()
+    g_slow = _grads(model)
+    _assert_close_rel(fast, slow)
+    assert "lm_head.weight" in g_slow or "model.embed_tokens.weight" in g_slow
+    for name in g_slow:
+        _assert_close_rel(g_fast[name], g_slow[name])

@@ -161,3 +161,16 @@ def test_sigkill_then_resume_gives_the_same_losses(tiny_model_dir, qa_data, tmp_
     a, b = _losses(clean), _losses(killed)
     assert len(a) == len(b) == 14
     torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-6, atol=1e-7)
+
+
+def test_peak_memory_is_this_process_not_its_parent(tmp_path):
+    """A child of a big process reports its own peak (ru_maxrss would inherit the parent's)."""
+    code = ("import torch; from tunelab.memory import peak_memory_bytes; "
+            "print(peak_memory_bytes(torch.device('cpu')))")
+    ballast = bytearray(600 * 2**20)  # the parent holds 600 MiB while it starts the child
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": str(
+                             Path(__file__).resolve().parents[1] / "src")})
+    del ballast
+    assert int(out.stdout.split()[-1]) < 550 * 2**20

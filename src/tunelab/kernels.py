@@ -47,10 +47,15 @@ class LoraDelta(torch.autograd.Function):
                 scale: float) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         u = (x2 @ a.t()).mul_(scale)  # [N, r]: the scale costs r, not out, per token
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), u, b.t())
         ctx.save_for_backward(x, u, a, b)
         ctx.scale = scale
-        return out.view(y.shape)
+        if y.is_contiguous() and not y.is_leaf:
+            # The base layer's fresh output, which its own backward does not keep: add into
+            # it inside the GEMM (beta = 1) instead of writing a third full-width tensor.
+            y.view(-1, y.shape[-1]).addmm_(u, b.t())
+            ctx.mark_dirty(y)
+            return y
+        return torch.addmm(y.reshape(-1, y.shape[-1]), u, b.t()).view(y.shape)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:

@@ -42,9 +42,10 @@ class TargetLoss(torch.nn.Module):
     every parameter used in the step.
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, chunked: bool = True) -> None:
         super().__init__()
         self.model = model
+        self.chunked = chunked  # ChunkedCrossEntropy where it applies
         inner = unwrap(model)
         self.backbone = getattr(inner, inner.base_model_prefix)
         self.head = inner.get_output_embeddings()
@@ -64,11 +65,58 @@ class TargetLoss(torch.nn.Module):
         targets = labels[:, 1:]
         mask = targets != IGNORE_INDEX
         picked = hidden[:, :-1][mask]
+        weight = getattr(self.head, "weight", None)
+        if (self.chunked and type(self.head) is torch.nn.Linear and self.head.bias is None
+                and not self.softcap
+                and torch.is_grad_enabled() and (picked.requires_grad or weight.requires_grad)):
+            return ChunkedCrossEntropy.apply(picked, weight, targets[mask]), mask.sum()
         logits = self.head(picked).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         loss_sum = F.cross_entropy(logits, targets[mask], reduction="sum")
         return loss_sum, mask.sum()
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """``sum_i -log softmax(W h_i)[y_i]`` over ``CHUNK`` rows at a time, gradients included.
+
+    The ``[targets, vocab]`` logits (137 MB in fp32 for 700 targets of SmolLM2) never
+    exist whole: each chunk's logits are made, turned in place into the gradient of the
+    sum (``softmax - onehot``) and multiplied back, while they are still in cache. Forward
+    stores ``dL/dh`` (``[targets, hidden]``) and, when the head trains, ``dL/dW``; backward
+    scales them by the incoming gradient. Same matmuls as the plain path, fewer passes over
+    the logits. Used only when gradients are needed.
+    """
+
+    CHUNK = 128  # rows: 128 x 49152 fp32 logits = 25 MB, inside a 32 MB L3
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor,
+                targets: torch.Tensor) -> torch.Tensor:
+        n = hidden.shape[0]
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        for start in range(0, n, ChunkedCrossEntropy.CHUNK):
+            h = hidden[start:start + ChunkedCrossEntropy.CHUNK]
+            t = targets[start:start + ChunkedCrossEntropy.CHUNK]
+            logits = (h @ weight.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+            probs = probs.to(weight.dtype)
+            grad_h[start:start + h.shape[0]] = probs @ weight
+            if grad_w is not None:
+                grad_w.addmm_(probs.t(), h)
+        ctx.save_for_backward(grad_h, *([grad_w] if grad_w is not None else []))
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        saved = ctx.saved_tensors
+        grad_w = saved[1] * grad if len(saved) > 1 else None
+        return saved[0] * grad, grad_w, None
 
 
 def full_logits_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]

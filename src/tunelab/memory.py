@@ -11,9 +11,26 @@ import torch
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    hwm = _linux_peak_rss()
+    if hwm is not None:
+        return hwm
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
     return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def _linux_peak_rss() -> int | None:
+    """This process's own peak RSS (``VmHWM``). Not ``ru_maxrss``: Linux carries that over
+    from the parent through fork + exec, so a run started by a 2 GB process (a test
+    runner, a notebook) would report at least 2 GB whatever it used."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def tensor_bytes(tensors) -> int:

@@ -9,7 +9,7 @@ import pytest
 from tunelab.errors import ConfigError
 from tunelab.plan.catalog import Arch, get_arch, get_gpu
 from tunelab.plan.estimate import (
-    CPU_HEAP_RETENTION,
+    CPU_HEAP_RETENTION_LORA,
     CPU_PEFT_IMPORT_BYTES,
     CPU_PROCESS_BASELINE_BYTES,
     CPU_RUNTIME_BYTES,
@@ -316,7 +316,7 @@ def test_cpu_peak_is_the_larger_end_of_backward_not_the_sum() -> None:
 def test_cpu_heap_retention_counts_only_heap_sized_tensors() -> None:
     arch = get_arch("smollm2-135m")
     small = estimate_memory(arch, method="lora", seq=256, device="cpu", target_fraction=0.2)
-    assert small.retained == int(CPU_HEAP_RETENTION * (small.activations + small.logits))
+    assert small.retained == int(CPU_HEAP_RETENTION_LORA * (small.activations + small.logits))
     assert estimate_memory(arch, method="lora", seq=256, device="cpu", target_fraction=0.2,
                            heap_retention=0).retained == 0
     # At 8192 tokens the MLP tensors (8192 x 1536 x 4 B = 48 MiB) and the logits are

@@ -111,6 +111,12 @@ GLIBC_MMAP_MAX = 32 * 1024**2
 # (9 runs, mean 0.93; the same run repeated varies by up to 12%), see docs/plan.md.
 # Overridable (heap_retention=), e.g. 0 for an allocator that returns freed memory.
 CPU_HEAP_RETENTION = 1.0
+# LoRA / QLoRA since tunelab's fused step (packed attention by split, fused LoRA update and
+# RMSNorm, chunked cross-entropy): far fewer heap-sized temporaries are freed per step, and
+# the retained heap measured 0.32-0.61 of the heap-sized activations (4 SmolLM2 runs,
+# lora 1 x 532 / 4 x 152, qlora 1 x 152, lora + checkpointing 4 x 152 with the factor
+# below), see docs/plan.md. Full fine-tuning keeps CPU_HEAP_RETENTION (its cap applies).
+CPU_HEAP_RETENTION_LORA = 0.45
 # With gradient checkpointing the retained heap is a share of what the same run holds without
 # it: measured 0.56 (lora, 1 x 532 tokens), 0.75 (lora, 4 x 152), 0.69 (full, 1 x 532).
 CPU_HEAP_RETENTION_CKPT = 2 / 3
@@ -626,7 +632,8 @@ def estimate_memory(
         backward_end = grads + transient
         overlap = max(backward_start, backward_end) - (activations + logits + grads + transient)
         # glibc keeps freed chunks up to its 32 MiB mmap threshold in the heap.
-        ratio = CPU_HEAP_RETENTION if heap_retention is None else heap_retention
+        default_ratio = CPU_HEAP_RETENTION if method == "full" else CPU_HEAP_RETENTION_LORA
+        ratio = default_ratio if heap_retention is None else heap_retention
         if grad_ckpt:
             # Checkpointing still runs every block's tensors through the heap (computed and
             # dropped in forward, recomputed in backward), one block at a time.
@@ -653,8 +660,9 @@ def estimate_memory(
         "attention": attention, "gpus": gpus, "parallel": parallel if gpus > 1 else None,
     }
     if cpu:
-        settings["heap_retention"] = CPU_HEAP_RETENTION if heap_retention is None \
-            else heap_retention
+        settings["heap_retention"] = ((CPU_HEAP_RETENTION if method == "full"
+                                       else CPU_HEAP_RETENTION_LORA)
+                                      if heap_retention is None else heap_retention)
     return MemoryEstimate(
         method=method,
         weights=int(weights),
