@@ -86,7 +86,6 @@ def smollm2_folder() -> Path:
 SMOLLM2_RUNS = [
     ("lora", 1, 400, 100, ()),
     ("lora", 4, 100, 20, ()),
-    ("full", 1, 100, 20, ()),
     ("full", 2, 200, 60, ()),
     ("qlora", 1, 100, 20, ()),
     ("lora", 4, 100, 20, ("grad_ckpt=true",)),
