@@ -68,8 +68,10 @@ def test_checkpoint_from_two_processes_resumes_in_one(tiny_model_dir, qa_data, t
     _train(tiny_model_dir, qa_data, out, "--save-every", "3", batch=2, steps=3, nproc=2)
     _train(tiny_model_dir, qa_data, out, "--resume", batch=4, steps=6, nproc=1)
     _train(tiny_model_dir, qa_data, tmp_path / "ref", batch=4, steps=6, nproc=1)
+    # Two packed rows of 2 vs one of 4 sum in a different order; three more steps at lr 3e-2
+    # grow that rounding to ~1e-5. A wrong resume (data position, optimizer state) is 1e-2.
     torch.testing.assert_close(torch.tensor(_losses(out)),
-                               torch.tensor(_losses(tmp_path / "ref")), rtol=1e-5, atol=1e-6)
+                               torch.tensor(_losses(tmp_path / "ref")), rtol=1e-4, atol=1e-6)
     # a batch size that changes the global batch is refused with the fix in the message
     bad = _train(tiny_model_dir, qa_data, out, "--resume", batch=3, steps=8, check=False)
     assert bad.returncode == 2 and "Set batch_size to 4" in bad.stderr
