@@ -225,3 +225,26 @@ def test_chunked_target_loss_gives_the_full_logits_gradients_of_full_fine_tuning
     assert "lm_head.weight" in g_slow or "model.embed_tokens.weight" in g_slow
     for name in g_slow:
         _assert_close_rel(g_fast[name], g_slow[name])
+
+
+def test_chunked_cross_entropy_is_exact_for_targets_the_model_all_but_rules_out():
+    """p[y] underflows in fp32 when the target's logit is ~100 below the best one; the
+    loss must still be lse - z[y], not inf, and its gradient softmax - onehot."""
+    import torch.nn.functional as F
+
+    from tunelab.loss import ChunkedCrossEntropy
+
+    torch.manual_seed(0)
+    weight = torch.randn(11, 4)
+    hidden = torch.randn(6, 4, requires_grad=True)
+    targets = torch.tensor([0, 1, 2, 3, 4, 5])
+    with torch.no_grad():  # row 2: target 2 far below the others (p ~ e^-200)
+        weight[2] = -50 * hidden[2] / hidden[2].norm() ** 2
+        weight[7] = 150 * hidden[2] / hidden[2].norm() ** 2
+    fast = ChunkedCrossEntropy.apply(hidden, weight, targets)
+    (g_fast,) = torch.autograd.grad(fast, hidden)
+    slow = F.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
+    (g_slow,) = torch.autograd.grad(slow, hidden)
+    assert torch.isfinite(fast) and float(slow) > 150
+    _assert_close_rel(fast, slow)
+    torch.testing.assert_close(g_fast, g_slow, rtol=1e-5, atol=1e-6)
