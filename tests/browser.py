@@ -44,6 +44,25 @@ def chromium_path() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def require_browser(*needs: tuple[str, str]) -> None:
+    """Skip (or, under ``TUNELAB_REQUIRE_BROWSER=1`` as in CI, fail) when the playwright
+    package, Chromium or any of ``needs`` (``(module, what to install)`` pairs) is missing."""
+    import importlib.util
+
+    import pytest
+
+    missing = [] if importlib.util.find_spec("playwright") else [
+        "the playwright package (pip install playwright)"]
+    if chromium_path() is None:
+        missing.append("Chromium (apt-get install -y chromium)")
+    missing += [what for module, what in needs if importlib.util.find_spec(module) is None]
+    if missing:
+        msg = "browser test needs " + " and ".join(missing)
+        if os.environ.get("TUNELAB_REQUIRE_BROWSER") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
 def is_external(url: str) -> bool:
     """True for a URL that would leave this machine."""
     parsed = urlparse(url)

@@ -7,7 +7,7 @@ import torch
 
 from tunelab import data, models
 from tunelab.adapters import attach_lora
-from tunelab.kernels import LoraDelta, fuse_lora, fuse_rms_norm, unfuse
+from tunelab.kernels import LoraDelta, LoraLinear, fuse_lora, fuse_rms_norm, unfuse
 from tunelab.loss import TargetLoss
 
 
@@ -53,6 +53,23 @@ def test_lora_delta_matches_autograd_of_the_plain_formula():
     torch.testing.assert_close(LoraDelta.apply(y, x, a, b, 0.7), y + (x @ a.T) @ b.T * 0.7)
 
 
+def test_lora_linear_matches_autograd_of_the_plain_formula():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 8, dtype=torch.float64)
+    bias = torch.randn(6, dtype=torch.float64)
+    a = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    for bb in (None, bias):
+        assert torch.autograd.gradcheck(
+            lambda x, a, b, bb=bb: LoraLinear.apply(x, w, bb, a, b, 0.7), (x, a, b))
+        plain = torch.nn.functional.linear(x, w, bb) + (x @ a.T) @ b.T * 0.7
+        torch.testing.assert_close(LoraLinear.apply(x, w, bb, a, b, 0.7), plain)
+    # an input without gradient (the first layer's, under a frozen embedding): A and B only
+    out = LoraLinear.apply(x.detach(), w, None, a, b, 0.7)
+    assert torch.autograd.grad(out.sum(), (a, b))[0].shape == a.shape
+
+
 def test_fused_model_gives_the_same_loss_and_gradients(tiny_model_dir, tiny_tokenizer):
     model = _model(tiny_model_dir)
     batch = _batch(tiny_tokenizer)
@@ -90,6 +107,24 @@ def test_fused_lora_hands_back_to_peft_when_merged_disabled_or_dropout(tiny_mode
         a = dropped(input_ids=ids).logits
         b = dropped(input_ids=ids).logits
     assert not torch.allclose(a, b)  # peft's dropout path still runs
+
+
+def test_fused_lora_hands_back_to_peft_for_a_lora_bias(tiny_model_dir, tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base, _ = models.load_model(str(tiny_model_dir), device="cpu")
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                            lora_bias=True, task_type="CAUSAL_LM"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # weight and bias
+    ids = _batch(tiny_tokenizer)["input_ids"]
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        fuse_lora(model)
+        fused = model(input_ids=ids).logits
+    _close(fused, plain)
 
 
 def test_fused_rms_norm_gives_the_weight_gradient_of_full_fine_tuning(tiny_model_dir,

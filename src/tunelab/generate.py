@@ -44,6 +44,26 @@ def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def decode_rows(tokenizer: Any, out: torch.Tensor, width: int, prompt_mask: torch.Tensor,
+                stops: tuple[str, ...]) -> list[dict[str, Any]]:
+    """``generate`` output ids (prompts ``width`` wide, left-padded) -> per row ``text``
+    (cut at eos or the first stop string), ``finish_reason`` and token counts."""
+    results = []
+    for row in range(out.shape[0]):
+        new = out[row, width:].tolist()
+        finish = "length"
+        if tokenizer.eos_token_id in new:
+            new = new[: new.index(tokenizer.eos_token_id)]
+            finish = "stop"
+        while new and new[-1] == tokenizer.pad_token_id:
+            new.pop()
+        text, stopped = _cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), stops)
+        results.append({"text": text, "finish_reason": "stop" if stopped else finish,
+                        "prompt_tokens": int(prompt_mask[row].sum()),
+                        "completion_tokens": len(new)})
+    return results
+
+
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str],
              settings: GenerationSettings) -> list[dict[str, Any]]:
@@ -76,19 +96,5 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompts: list[str],
     model.eval()
     out = model.generate(**enc, **kwargs)
     model.train(was_training)
-    width = enc["input_ids"].shape[1]
-    results = []
-    for row in range(out.shape[0]):
-        new = out[row, width:].tolist()
-        finish = "length"
-        if tokenizer.eos_token_id in new:
-            new = new[: new.index(tokenizer.eos_token_id)]
-            finish = "stop"
-        while new and new[-1] == tokenizer.pad_token_id:
-            new.pop()
-        text = tokenizer.decode(new, skip_special_tokens=True)
-        text, stopped = _cut_at_stop(text, settings.stop)
-        results.append({"text": text, "finish_reason": "stop" if stopped else finish,
-                        "prompt_tokens": int(enc["attention_mask"][row].sum()),
-                        "completion_tokens": len(new)})
-    return results
+    return decode_rows(tokenizer, out, enc["input_ids"].shape[1], enc["attention_mask"],
+                       tuple(settings.stop))

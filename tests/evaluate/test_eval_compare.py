@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -175,16 +174,7 @@ def _browser():
         sys.modules[name] = module
         spec.loader.exec_module(module)
     browser = sys.modules[name]
-    missing = []
-    if importlib.util.find_spec("playwright") is None:
-        missing.append("the playwright package")
-    if browser.chromium_path() is None:
-        missing.append("Chromium")
-    if missing:
-        msg = "browser test needs " + " and ".join(missing)
-        if os.environ.get("TUNELAB_REQUIRE_BROWSER") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
+    browser.require_browser()
     return browser
 
 

@@ -8,13 +8,10 @@ missing browser is a failure. The screenshot is kept in ``test-artifacts/`` for 
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 import zlib
 from pathlib import Path
 from types import ModuleType
-
-import pytest
 
 from tunelab.report import write_report
 
@@ -35,19 +32,6 @@ def _load(name: str, path: Path) -> ModuleType:
 
 
 browser = _load("tunelab_tests_browser", TESTS / "browser.py")
-
-
-def _require_browser() -> None:
-    missing = []
-    if importlib.util.find_spec("playwright") is None:
-        missing.append("the playwright package (pip install playwright)")
-    if browser.chromium_path() is None:
-        missing.append("Chromium (apt-get install -y chromium)")
-    if missing:
-        msg = "browser test needs " + " and ".join(missing)
-        if os.environ.get("TUNELAB_REQUIRE_BROWSER") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
 
 
 def _png(path: Path, width: int, height: int, pixel: bytes) -> None:
@@ -79,7 +63,7 @@ def test_external_url_classification() -> None:
 
 
 def test_report_renders_in_chromium(tmp_path: Path) -> None:
-    _require_browser()
+    browser.require_browser()
     sample = _load("tunelab_tests_report_html", Path(__file__).with_name("test_report_html.py"))
     html_path, _ = write_report(tmp_path / "run", sample.sample_report())
     result = browser.render_page(html_path, ARTIFACTS / "report.png")
@@ -92,7 +76,7 @@ def test_report_renders_in_chromium(tmp_path: Path) -> None:
 def test_browser_helper_sees_external_requests_and_errors(tmp_path: Path) -> None:
     # The negative control: a page that does fetch from the network and throws must be
     # caught, otherwise the test above proves nothing.
-    _require_browser()
+    browser.require_browser()
     page = tmp_path / "bad.html"
     page.write_text('<!DOCTYPE html><html><head><link rel="stylesheet" '
                     'href="https://cdn.example.com/x.css"></head><body><p>hi</p>'

@@ -62,14 +62,18 @@ def engine(tiny_model_dir, adapter_dirs):
 
 
 @contextmanager
-def live_server(app) -> Iterator[str]:
-    """Run ``app`` under uvicorn on a free port of 127.0.0.1; yield its base URL."""
+def running_uvicorn(config, *, sndbuf: int | None = None) -> Iterator[tuple[str, object]]:
+    """``uvicorn.Server(config)`` in a thread on a free port of 127.0.0.1; yield its base
+    URL and the server. ``sndbuf`` shrinks the send buffer of every accepted connection
+    (the listening socket's is inherited), so a client that does not read fills it fast."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if sndbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -78,11 +82,20 @@ def live_server(app) -> Iterator[str]:
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", server
     finally:
         server.should_exit = True
         thread.join(15)
         sock.close()
+
+
+@contextmanager
+def live_server(app) -> Iterator[str]:
+    """Run ``app`` under plain uvicorn on a free port of 127.0.0.1; yield its base URL."""
+    import uvicorn
+
+    with running_uvicorn(uvicorn.Config(app, log_level="warning", lifespan="on")) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")

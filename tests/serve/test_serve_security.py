@@ -15,6 +15,7 @@ import pytest
 from tests.serve.conftest import live_server
 from tunelab.cli import build_parser
 from tunelab.errors import ModelError
+from tunelab.serve.net import is_loopback
 
 
 def _subcommands():
@@ -53,9 +54,9 @@ def test_loopback_detection_and_the_warning_for_an_open_server(monkeypatch, capl
     from tunelab.serve.engine import Engine
 
     for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
-        assert serve_cli._is_loopback(host), host
+        assert is_loopback(host), host
     for host in ("0.0.0.0", "::", "192.168.1.20", "example.com", ""):
-        assert not serve_cli._is_loopback(host), host
+        assert not is_loopback(host), host
 
     class Stop(Exception):
         pass

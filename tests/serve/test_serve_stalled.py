@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
+from tests.serve.conftest import running_uvicorn
 from tunelab.serve.app import create_app
 from tunelab.serve.server import server_config
 
@@ -31,30 +32,10 @@ EVENTUALLY = 60.0
 
 @contextmanager
 def guarded_server(app, *, sndbuf: int | None = None, **timeouts) -> Iterator[tuple[str, object]]:
-    """``app`` under uvicorn with tunelab's protocol, on a free port of 127.0.0.1, in a
-    thread. ``sndbuf`` shrinks the send buffer of every accepted connection (the listening
-    socket's is inherited), so that a client that does not read fills it quickly."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    if sndbuf:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(server_config(app, log_level="warning", lifespan="on", **timeouts))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", server
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
+    """``app`` under uvicorn with tunelab's protocol and timeouts (see ``running_uvicorn``)."""
+    config = server_config(app, log_level="warning", lifespan="on", **timeouts)
+    with running_uvicorn(config, sndbuf=sndbuf) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

