@@ -12,11 +12,10 @@ parameter names and saved adapters stay exactly peft's and transformers'.
 
       g_x = (s * g B) A        g_A = (s * g B)^T x        g_B = g^T (s * x A^T)
 
-  so the only full-width tensors are ``y`` and ``g``. On a plain ``nn.Linear`` base
-  :class:`LoraLinear` does the whole layer, so the base's input gradient ``g W`` and the
-  LoRA one land in one tensor (``g_x = g W + (s g B) A``, the second term added inside
-  its GEMM) instead of two that autograd then adds. Quantized bases (bitsandbytes 4-bit and
-  8-bit) run their own layer and :class:`LoraDelta` adds the update to its output.
+  so the only full-width tensors are ``y`` and ``g``. The base layer runs as before (a
+  4-bit bitsandbytes layer included), and autograd adds its input gradient to ``g_x``.
+  (Doing the whole layer in one function, so both input gradients share one buffer, was
+  measured too: no faster, so not kept.)
 * **RMSNorm** (:func:`fuse_rms_norm`). ``w * x * rsqrt(mean(x^2) + eps)`` is six kernels
   in transformers' Llama/Mistral/Qwen2 norms; ``torch.nn.functional.rms_norm`` is one fused
   kernel each way. Only classes whose math is exactly that are switched (Gemma's
@@ -75,40 +74,6 @@ class LoraDelta(torch.autograd.Function):
         return grad, grad_x, grad_a, grad_b, None
 
 
-class LoraLinear(torch.autograd.Function):
-    """``x -> x W^T + bias + (s * x A^T) B^T`` for a frozen ``W [out, in]`` (and bias).
-
-    Backward: ``g_x = g W + (s g B) A`` in one buffer, ``g_A = (s g B)^T x``,
-    ``g_B = g^T (s x A^T)``; no gradient for ``W`` or ``bias`` (the caller checks they are
-    frozen).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        u = (x2 @ a.t()).mul_(scale)  # [N, r]
-        y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
-        y.addmm_(u, b.t())
-        ctx.save_for_backward(x, u, weight, a, b)
-        ctx.scale = scale
-        return y.view(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, u, weight, a, b = ctx.saved_tensors
-        g2 = grad.reshape(-1, grad.shape[-1])
-        gb = (g2 @ b).mul_(ctx.scale)  # [N, r]
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g2 @ weight).addmm_(gb, a).view(x.shape)
-        if ctx.needs_input_grad[3]:
-            grad_a = gb.t() @ x.reshape(-1, x.shape[-1])
-        if ctx.needs_input_grad[4]:
-            grad_b = g2.t() @ u
-        return grad_x, None, None, grad_a, grad_b, None
-
-
 def _fused_lora_forward(module: torch.nn.Module, original: Any, x: torch.Tensor,
                         *args: Any, **kwargs: Any) -> torch.Tensor:
     """peft ``lora.Linear.forward`` for the plain case; anything else goes to peft."""
@@ -123,16 +88,10 @@ def _fused_lora_forward(module: torch.nn.Module, original: Any, x: torch.Tensor,
     if (not isinstance(dropout, torch.nn.Identity) or a.dtype != x.dtype
             or module.lora_B[name].bias is not None):  # peft's lora_bias option
         return original(x, *args, **kwargs)
-    base = module.base_layer
-    scale = float(module.scaling[name])
-    if (type(base) is torch.nn.Linear and not base.weight.requires_grad
-            and base.weight.dtype == x.dtype
-            and (base.bias is None or not base.bias.requires_grad)):
-        return LoraLinear.apply(x, base.weight, base.bias, a, b, scale)
-    y = base(x)
+    y = module.base_layer(x)
     if y.dtype != a.dtype:
         return original(x, *args, **kwargs)
-    return LoraDelta.apply(y, x, a, b, scale)
+    return LoraDelta.apply(y, x, a, b, float(module.scaling[name]))
 
 
 def _lora_linear_classes() -> tuple[type, ...]:
