@@ -14,7 +14,7 @@ quickstart: setup
 
 test: setup-test
 	$(PY) -m ruff check .
-	TUNELAB_REQUIRE_BROWSER=1 $(PY) -m pytest -q --durations=15
+	TUNELAB_REQUIRE_BROWSER=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 lint: setup-test
 	$(PY) -m ruff check .
