@@ -174,3 +174,32 @@ def test_peak_memory_is_this_process_not_its_parent(tmp_path):
                              Path(__file__).resolve().parents[1] / "src")})
     del ballast
     assert int(out.stdout.split()[-1]) < 550 * 2**20
+
+
+def test_gradient_checkpointing_goes_on_only_when_the_plan_does_not_fit(
+        tiny_model_dir, qa_data, tmp_path, monkeypatch, caplog):
+    import logging
+
+    import tunelab.train as train_module
+
+    def run(name, **kw):
+        train(_cfg(tiny_model_dir, qa_data, tmp_path / name, max_steps=3, eval_every=0, **kw),
+              progress=False)
+        config = json.loads((tmp_path / name / "run_config.json").read_text())
+        losses = [json.loads(x)["train_loss"]
+                  for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return config["grad_ckpt"], losses
+
+    roomy, roomy_losses = run("roomy")  # this machine has GBs to spare: stays off
+    assert roomy is False
+    # a device with 1 MiB to give: the plan does not fit, so checkpointing goes on
+    monkeypatch.setattr(train_module, "memory_budget_bytes", lambda device: 1 << 20)
+    with caplog.at_level(logging.WARNING, logger="tunelab.train"):
+        tight, tight_losses = run("tight")
+    assert tight is True
+    assert "gradient checkpointing on" in caplog.text
+    assert "even with checkpointing" in caplog.text  # 1 MiB is too little either way
+    # recomputing activations changes no number
+    for a, b in zip(roomy_losses, tight_losses, strict=True):
+        assert abs(a - b) <= 1e-5 * abs(a)
+    assert run("opted-out", grad_ckpt_auto=False)[0] is False

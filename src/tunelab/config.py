@@ -81,6 +81,8 @@ class TrainConfig:
     grad_accum: int = 1
     grad_clip: float = 1.0
     grad_ckpt: bool = False
+    # turn grad_ckpt on when the plan says the run would not fit in memory without it
+    grad_ckpt_auto: bool = True
     # throughput: padding-free micro-batches (attention kept within each example), or
     # padded ones grouped by length; neither changes which examples make up a step
     packing: bool = True

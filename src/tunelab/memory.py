@@ -33,6 +33,26 @@ def _linux_peak_rss() -> int | None:
     return None
 
 
+def memory_budget_bytes(device: torch.device) -> int | None:
+    """How large this process can grow: on CUDA the device's free memory plus what torch
+    already holds, on Linux ``MemAvailable`` plus this process's RSS; ``None`` where that is
+    not known (MPS, other systems)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device))
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            available = next(int(line.split()[1]) * 1024 for line in fh
+                             if line.startswith("MemAvailable:"))
+        with open("/proc/self/status", encoding="ascii") as fh:
+            rss = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return available + rss
+
+
 def tensor_bytes(tensors) -> int:
     return int(sum(t.numel() * t.element_size() for t in tensors))
 

@@ -40,7 +40,7 @@ from tunelab import distributed as dist
 from tunelab.config import TrainConfig, save_config
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.loss import TargetLoss, unwrap
-from tunelab.memory import fmt_bytes, model_memory_parts, peak_memory_bytes
+from tunelab.memory import fmt_bytes, memory_budget_bytes, model_memory_parts, peak_memory_bytes
 from tunelab.packing import BOUNDS_KEY, collate_packed, supports_packing, use_packed_attention
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,45 @@ def prepare_model(cfg: TrainConfig, device: torch.device | None = None
                                  dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
                                  use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
     return model, tokenizer
+
+
+def needs_grad_ckpt(model: torch.nn.Module, cfg: TrainConfig, train_set: list[data.Example],
+                    device: torch.device, info: dist.DistInfo) -> bool:
+    """Gradient checkpointing only where memory requires it (it costs a second forward).
+
+    True when the plan's peak for this run without checkpointing (:mod:`tunelab.plan`, the
+    estimate ``train`` prints at the end) is more than the device can give this process.
+    """
+    from tunelab.plan import run_estimate
+
+    budget = memory_budget_bytes(device)
+    if budget is None:
+        return False
+    steps = total_steps(cfg, len(train_set) // info.world)
+
+    def planned(ckpt: bool) -> int:
+        est, _ = run_estimate(model, replace(cfg, grad_ckpt=ckpt), train_set, steps,
+                              rank=info.rank, world=info.world)
+        # on CUDA the context is outside what the budget counts
+        return est.total - (est.overhead if device.type == "cuda" else 0)
+
+    try:
+        without = planned(False)
+        if without <= budget:
+            return False
+        with_ckpt = planned(True)
+    except Exception as exc:  # a model the planner cannot size: leave the choice to the user
+        log.debug("no memory plan for automatic gradient checkpointing: %s", exc)
+        return False
+    log.warning("gradient checkpointing on: the plan puts this run at %s without it, more than "
+                "the %s this %s has available (%s with it). Set grad_ckpt_auto: false to "
+                "keep it off.", fmt_bytes(without), fmt_bytes(budget), device.type,
+                fmt_bytes(with_ckpt))
+    if with_ckpt > budget:
+        log.warning("even with checkpointing the plan (%s) is over the %s available: lower "
+                    "batch_size or max_length, or use method: qlora", fmt_bytes(with_ckpt),
+                    fmt_bytes(budget))
+    return True
 
 
 def load_datasets(cfg: TrainConfig, tokenizer: Any
@@ -320,6 +359,11 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
     train_set, val_set, stats = load_datasets(cfg, tokenizer)
     log.info("data: %d train / %d validation examples; %d truncated, %d dropped (max_length %d)",
              len(train_set), len(val_set), stats.n_truncated, stats.n_dropped, cfg.max_length)
+    if not cfg.grad_ckpt and cfg.grad_ckpt_auto and needs_grad_ckpt(model, cfg, train_set,
+                                                                     device, info):
+        unwrap(model).gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+        cfg = replace(cfg, grad_ckpt=True)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
