@@ -169,3 +169,15 @@ def test_forgetting_no_change_and_not_measured() -> None:
     s = forgetting_summary(ppl_before=before, ppl_after=before)
     assert not s.flagged and "No measurable forgetting" in s.text
     assert forgetting_summary().text == "Forgetting was not measured."
+
+
+def test_forgetting_advice_is_given_once_when_both_measures_got_worse() -> None:
+    rng = np.random.default_rng(21)
+    before = [(float(rng.normal(3.0, 0.2)) * 50, 50) for _ in range(60)]
+    after = [(nll + 10.0, t) for nll, t in before]
+    probe = [1.0] * 40
+    s = forgetting_summary(ppl_before=before, ppl_after=after, probe_before=probe,
+                           probe_after=[0.0] * 40)
+    assert [i.flagged for i in s.items] == [True, True]
+    assert s.text.count("lower learning rate") == 1 and s.text.endswith("into training.")
+    assert s.text.count("forgot some general ability") == 2

@@ -358,6 +358,10 @@ class ForgettingSummary:
                 "text": self.text}
 
 
+FORGETTING_ADVICE = ("Try a lower learning rate, fewer epochs, a smaller LoRA rank, or mixing "
+                     "general data into training.")
+
+
 def _forgetting_item(name: str, before: float, after: float, iv: Interval,
                      higher_is_better: bool) -> ForgettingItem:
     worse = iv.high < 0 if higher_is_better else iv.low > 0
@@ -367,8 +371,7 @@ def _forgetting_item(name: str, before: float, after: float, iv: Interval,
     change = f"{before:.3g} -> {after:.3g} ({interval})"
     if worse:
         message = (f"{name} got worse, {change}: the fine-tuned model forgot some general "
-                   "ability; try a lower learning rate, fewer epochs, a smaller LoRA rank, or "
-                   "mixing general data into training.")
+                   "ability.")
     elif better:
         message = f"{name} improved, {change}."
     else:
@@ -427,7 +430,8 @@ def forgetting_summary(*, ppl_before: Sequence[tuple[float, int]] | None = None,
     if not items:
         text = "Forgetting was not measured."
     elif flagged:
-        text = "Forgetting detected: " + " ".join(i.message for i in flagged)
+        # the advice once, however many measures got worse
+        text = " ".join(["Forgetting detected:", *(i.message for i in flagged), FORGETTING_ADVICE])
     else:
         text = "No measurable forgetting: " + " ".join(i.message for i in items)
     return ForgettingSummary(items, bool(flagged), text)
