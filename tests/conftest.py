@@ -14,6 +14,16 @@ os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
+def pytest_collection_modifyitems(config, items):
+    """Files with real-model (``slow``) tests first, each file's tests kept together and in
+    order. ``make test`` runs ``pytest -n 2 --dist loadfile``, which hands whole files to
+    the two workers in collection order: started last, the longest files would leave one
+    worker running alone for minutes at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: order kept otherwise
+
+
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
     "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
