@@ -19,18 +19,23 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
+def _proc_bytes(path: str, field: str) -> int | None:
+    """A ``kB`` field of a Linux ``/proc`` status file, in bytes; ``None`` elsewhere."""
+    try:
+        with open(path, encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def _linux_peak_rss() -> int | None:
     """This process's own peak RSS (``VmHWM``). Not ``ru_maxrss``: Linux carries that over
     from the parent through fork + exec, so a run started by a 2 GB process (a test
     runner, a notebook) would report at least 2 GB whatever it used."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _proc_bytes("/proc/self/status", "VmHWM")
 
 
 def memory_budget_bytes(device: torch.device) -> int | None:
@@ -42,15 +47,9 @@ def memory_budget_bytes(device: torch.device) -> int | None:
         return int(free + torch.cuda.memory_reserved(device))
     if device.type != "cpu":
         return None
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            available = next(int(line.split()[1]) * 1024 for line in fh
-                             if line.startswith("MemAvailable:"))
-        with open("/proc/self/status", encoding="ascii") as fh:
-            rss = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
-    except (OSError, StopIteration, ValueError):
-        return None
-    return available + rss
+    available = _proc_bytes("/proc/meminfo", "MemAvailable")
+    rss = _proc_bytes("/proc/self/status", "VmRSS")
+    return None if available is None or rss is None else available + rss
 
 
 def tensor_bytes(tensors) -> int:

@@ -632,8 +632,9 @@ def estimate_memory(
         backward_end = grads + transient
         overlap = max(backward_start, backward_end) - (activations + logits + grads + transient)
         # glibc keeps freed chunks up to its 32 MiB mmap threshold in the heap.
-        default_ratio = CPU_HEAP_RETENTION if method == "full" else CPU_HEAP_RETENTION_LORA
-        ratio = default_ratio if heap_retention is None else heap_retention
+        if heap_retention is None:
+            heap_retention = CPU_HEAP_RETENTION if method == "full" else CPU_HEAP_RETENTION_LORA
+        ratio = heap_retention
         if grad_ckpt:
             # Checkpointing still runs every block's tensors through the heap (computed and
             # dropped in forward, recomputed in backward), one block at a time.
@@ -660,9 +661,7 @@ def estimate_memory(
         "attention": attention, "gpus": gpus, "parallel": parallel if gpus > 1 else None,
     }
     if cpu:
-        settings["heap_retention"] = ((CPU_HEAP_RETENTION if method == "full"
-                                       else CPU_HEAP_RETENTION_LORA)
-                                      if heap_retention is None else heap_retention)
+        settings["heap_retention"] = heap_retention
     return MemoryEstimate(
         method=method,
         weights=int(weights),
