@@ -3,6 +3,7 @@ length-grouped batching. Losses and gradients agree within 1e-5 relative."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tunelab import data, models
@@ -248,3 +249,30 @@ def test_chunked_cross_entropy_is_exact_for_targets_the_model_all_but_rules_out(
     assert torch.isfinite(fast) and float(slow) > 150
     _assert_close_rel(fast, slow)
     torch.testing.assert_close(g_fast, g_slow, rtol=1e-5, atol=1e-6)
+
+
+def test_output_layer_chunks_use_onednn_on_cpu_and_match_the_plain_matmul(monkeypatch):
+    """The chunked loss's ``h W^T`` goes through oneDNN on CPU in fp32 (faster there) and
+    gives the plain matmul's logits; with a graph being recorded it stays the plain matmul."""
+    from tunelab import loss
+
+    if loss._ONEDNN_LINEAR is None:
+        pytest.skip("this torch build has no oneDNN linear kernel")
+    calls = []
+    real = loss._ONEDNN_LINEAR
+    monkeypatch.setattr(loss, "_ONEDNN_LINEAR", lambda *a: calls.append(a[0].shape) or real(*a))
+    torch.manual_seed(0)
+    weight = torch.randn(300, 16)
+    hidden = torch.randn(9, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (9,))
+    with torch.no_grad():
+        torch.testing.assert_close(loss.head_logits(hidden, weight), hidden @ weight.t(),
+                                   rtol=1e-5, atol=1e-5)
+    assert calls == [(9, 16)]
+    assert loss.head_logits(hidden, weight).grad_fn is not None  # autograd: plain matmul
+    assert len(calls) == 1
+    monkeypatch.setattr(loss.ChunkedCrossEntropy, "CHUNK", 4)
+    fast = loss.ChunkedCrossEntropy.apply(hidden, weight, targets)
+    assert calls[1:] == [(4, 16), (4, 16), (1, 16)]
+    slow = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
+    _assert_close_rel(fast, slow)
