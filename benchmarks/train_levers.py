@@ -15,12 +15,16 @@ over the steps' wall time), against the baseline and against the row above:
 * ``+ packing`` (instead of grouping): padding-free rows, attention per example
   (:mod:`tunelab.packing`);
 * ``+ fused AdamW``: ``torch.optim.AdamW(fused=True)``;
-* ``+ fused LoRA update``, ``+ fused RMSNorm``: :mod:`tunelab.kernels`, one after the other.
+* ``+ fused LoRA update``, ``+ fused RMSNorm``, ``+ shared down projections``:
+  :mod:`tunelab.kernels`, one after the other;
+* ``+ oneDNN output layer``: the chunked loss's ``h W^T`` through oneDNN
+  (:func:`tunelab.loss.head_logits`); every row above has it off.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -48,7 +52,7 @@ def main() -> None:
     from tunelab import data
     from tunelab.config import build_config
     from tunelab.kernels import fuse_lora, fuse_rms_norm, unfuse
-    from tunelab.loss import TargetLoss, full_logits_loss
+    from tunelab.loss import ChunkedCrossEntropy, TargetLoss, full_logits_loss
     from tunelab.models import convert_gguf, resolve_model
     from tunelab.packing import collate_packed, use_packed_attention
     from tunelab.train import load_datasets, prepare_model
@@ -90,9 +94,14 @@ def main() -> None:
         "+ fused AdamW": (loss_fn, batches(random_order, True), {"fused": True}),
         "+ fused LoRA update": (loss_fn, batches(random_order, True), {"fused": True}),
         "+ fused RMSNorm": (loss_fn, batches(random_order, True), {"fused": True}),
+        "+ shared down projections": (loss_fn, batches(random_order, True), {"fused": True}),
+        "+ oneDNN output layer": (loss_fn, batches(random_order, True), {"fused": True}),
     }
     # which tunelab.kernels fusions each variant runs with
-    fusions = {"+ fused LoRA update": (fuse_lora,), "+ fused RMSNorm": (fuse_lora, fuse_rms_norm)}
+    separate = functools.partial(fuse_lora, share_down=False)
+    fusions = {"+ fused LoRA update": (separate,), "+ fused RMSNorm": (separate, fuse_rms_norm),
+               "+ shared down projections": (fuse_lora, fuse_rms_norm),
+               "+ oneDNN output layer": (fuse_lora, fuse_rms_norm)}
     optimizers = {name: torch.optim.AdamW(trainable, lr=1e-5, foreach=False, **kw)
                   for name, (_, _, kw) in variants.items()}
     tokens = sum(len(e.input_ids) for e in examples)
@@ -103,6 +112,7 @@ def main() -> None:
             unfuse(model)
             for fuse in fusions.get(name, ()):
                 fuse(model)
+            ChunkedCrossEntropy.ONEDNN = name == "+ oneDNN output layer"
             start = time.perf_counter()
             for batch in step_batches:
                 loss, count = fn(**batch)

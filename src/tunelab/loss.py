@@ -88,7 +88,8 @@ def _onednn_linear() -> Any:
 _ONEDNN_LINEAR = _onednn_linear()
 
 
-def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor, onednn: bool = True
+                ) -> torch.Tensor:
     """``hidden W^T`` for a chunk of rows of the output layer.
 
     On CPU in fp32 this goes through oneDNN instead of the MKL GEMM behind ``@``: for the
@@ -97,7 +98,7 @@ def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     cross-entropy runs 1.2x faster (``benchmarks/train_levers.py``, "+ oneDNN output
     layer"). Everywhere else (CUDA, 16-bit, builds without oneDNN) it is the plain matmul.
     """
-    if (_ONEDNN_LINEAR is not None and hidden.device.type == "cpu"
+    if (onednn and _ONEDNN_LINEAR is not None and hidden.device.type == "cpu"
             and type(hidden) is torch.Tensor and type(weight) in (torch.Tensor, torch.nn.Parameter)
             and hidden.dtype == torch.float32 and weight.dtype == torch.float32
             # the oneDNN op has no autograd formula: only where no graph is being recorded
@@ -120,6 +121,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     """
 
     CHUNK = 128  # rows: 128 x 49152 fp32 logits = 25 MB, inside a 32 MB L3
+    ONEDNN = True  # head_logits through oneDNN where it applies (off: to measure it)
     # below this, p[y] in fp32 has lost its digits: such rows take lse(z) - z[y] instead
     TINY = 1e-30
 
@@ -133,7 +135,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         for start in range(0, n, ChunkedCrossEntropy.CHUNK):
             h = hidden[start:start + ChunkedCrossEntropy.CHUNK]
             t = targets[start:start + ChunkedCrossEntropy.CHUNK]
-            logits = head_logits(h, weight).float()
+            logits = head_logits(h, weight, ChunkedCrossEntropy.ONEDNN).float()
             probs = torch.softmax(logits, dim=-1)
             rows = torch.arange(t.shape[0], device=t.device)
             p_target = probs[rows, t]
