@@ -34,7 +34,10 @@ are non-padding tokens; time is the training loop's wall time (no evaluation or 
 it). The validation loss is computed after training by one common function (full logits,
 assistant tokens only) on the same held-out records. The FLOPs a step must do are counted
 from the data (see ``step_flops``) and divided by the loop time; the fp32 matmul peak of
-this machine is measured in the same run (``benchmarks/matmul_peak.py``).
+this machine is measured in the same run (``benchmarks/matmul_peak.py``) just before and just
+after every training run, and each run's share of the peak is taken against the mean of
+those two: on a shared VM the peak itself moves by +-15% from one minute to the next, so a
+peak measured at another moment would move the share as much as any change to tunelab.
 """
 
 from __future__ import annotations
@@ -373,6 +376,14 @@ def run_worker(system: str, method: str, args: argparse.Namespace, data_dir: Pat
     return result
 
 
+def quick_peak() -> float:
+    """The fp32 matmul peak (GFLOP/s) between two runs: matmul_peak's two largest sizes
+    (the smallest is never the best on this kind of machine), 5 repeats: ~3 s."""
+    from matmul_peak import matmul_peak
+
+    return matmul_peak(sizes=(2048, 3072), repeats=5, shapes=False)["peak_gflops"]
+
+
 def worker_context() -> Any:
     """A forkserver that has imported the libraries: each worker is a fork of it."""
     os.environ.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
@@ -381,12 +392,14 @@ def worker_context() -> Any:
     return context
 
 
-def summarise(runs: dict[str, list[dict]], flops: float, peak: float) -> dict[str, dict]:
+def summarise(runs: dict[str, list[dict]], flops: float) -> dict[str, dict]:
     rows = {}
     for system, results in runs.items():
         med = {k: statistics.median(r[k] for r in results)
                for k in ("tokens_per_s", "seconds", "peak_rss", "val_loss", "wall")}
-        med["flops_fraction"] = flops / med["seconds"] / (peak * 1e9)
+        # each run against the peak around it (see the module docstring), then the median
+        med["flops_fraction"] = statistics.median(
+            flops / r["seconds"] / (r["peak_gflops"] * 1e9) for r in results)
         med["runs"] = results
         rows[system] = med
     return rows
@@ -401,7 +414,8 @@ def ratios(runs: dict[str, list[dict]]) -> dict[str, float]:
 
 
 def print_table(method: str, rows: dict[str, dict], rat: dict[str, float], peak: float) -> None:
-    print(f"\n{method.upper()} (medians over rounds; fp32 matmul peak {peak:.0f} GFLOP/s)")
+    print(f"\n{method.upper()} (medians over rounds; fp32 matmul peak {peak:.0f} GFLOP/s, "
+          "median of the measurements around the runs)")
     print(f"{'system':12} {'tokens/s':>9} {'x tunelab':>10} {'of peak':>8} {'peak RSS':>9} "
           f"{'val loss':>9} {'loop s':>7}")
     for system, r in rows.items():
@@ -462,18 +476,22 @@ def main() -> None:
             if args.systems:
                 systems = [s for s in systems if s in args.systems.split(",")]
             runs: dict[str, list[dict]] = {s: [] for s in systems}
+            around = [quick_peak()]  # the peak before the first run
             for r in range(args.rounds):
                 order = systems[r % len(systems):] + systems[: r % len(systems)]
                 for system in order:
                     res = run_worker(system, method, args, data_dir, model_dir, context)
+                    around.append(quick_peak())
+                    res["peak_gflops"] = (around[-2] + around[-1]) / 2
                     runs[system].append(res)
                     print(f"  [{method} round {r + 1}] {system:12} {res['tokens_per_s']:7.1f} "
                           f"tok/s  loop {res['seconds']:6.1f}s  rss "
-                          f"{res['peak_rss'] / 2**20:6.0f}Mi  val {res['val_loss']:.4f}",
-                          flush=True)
-                peaks.append(matmul_peak(shapes=False)["peak_gflops"])
-            peak = statistics.median(peaks)
-            rows = summarise(runs, flops, peak)
+                          f"{res['peak_rss'] / 2**20:6.0f}Mi  val {res['val_loss']:.4f}  "
+                          f"{flops / res['seconds'] / 1e9 / res['peak_gflops']:.2f} of peak "
+                          f"{res['peak_gflops']:.0f}", flush=True)
+            peaks += around
+            peak = statistics.median(around)
+            rows = summarise(runs, flops)
             rat = ratios(runs) if "tunelab" in runs else {}
             print_table(method, rows, rat, peak)
             out["methods"][method] = {"systems": rows, "ratios": rat}
