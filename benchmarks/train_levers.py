@@ -15,8 +15,7 @@ over the steps' wall time), against the baseline and against the row above:
 * ``+ packing`` (instead of grouping): padding-free rows, attention per example
   (:mod:`tunelab.packing`);
 * ``+ fused AdamW``: ``torch.optim.AdamW(fused=True)``;
-* ``+ fused LoRA update``, ``+ fused RMSNorm``, ``+ shared down projections``:
-  :mod:`tunelab.kernels`, one after the other;
+* ``+ fused LoRA update``, ``+ fused RMSNorm``: :mod:`tunelab.kernels`, one after the other;
 * ``+ oneDNN output layer``: the chunked loss's ``h W^T`` through oneDNN
   (:func:`tunelab.loss.head_logits`); every row above has it off.
 """
@@ -24,7 +23,6 @@ over the steps' wall time), against the baseline and against the row above:
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import sys
@@ -94,13 +92,10 @@ def main() -> None:
         "+ fused AdamW": (loss_fn, batches(random_order, True), {"fused": True}),
         "+ fused LoRA update": (loss_fn, batches(random_order, True), {"fused": True}),
         "+ fused RMSNorm": (loss_fn, batches(random_order, True), {"fused": True}),
-        "+ shared down projections": (loss_fn, batches(random_order, True), {"fused": True}),
         "+ oneDNN output layer": (loss_fn, batches(random_order, True), {"fused": True}),
     }
     # which tunelab.kernels fusions each variant runs with
-    separate = functools.partial(fuse_lora, share_down=False)
-    fusions = {"+ fused LoRA update": (separate,), "+ fused RMSNorm": (separate, fuse_rms_norm),
-               "+ shared down projections": (fuse_lora, fuse_rms_norm),
+    fusions = {"+ fused LoRA update": (fuse_lora,), "+ fused RMSNorm": (fuse_lora, fuse_rms_norm),
                "+ oneDNN output layer": (fuse_lora, fuse_rms_norm)}
     optimizers = {name: torch.optim.AdamW(trainable, lr=1e-5, foreach=False, **kw)
                   for name, (_, _, kw) in variants.items()}

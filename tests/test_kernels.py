@@ -7,7 +7,7 @@ import torch
 
 from tunelab import data, models
 from tunelab.adapters import attach_lora
-from tunelab.kernels import LoraUp, fuse_lora, fuse_rms_norm, unfuse
+from tunelab.kernels import LoraDelta, fuse_lora, fuse_rms_norm, unfuse
 from tunelab.loss import TargetLoss
 
 
@@ -39,52 +39,18 @@ def _loss_and_grads(model, batch):
                            if p.grad is not None}
 
 
-def test_lora_up_matches_autograd_of_the_plain_formula():
+def test_lora_delta_matches_autograd_of_the_plain_formula():
     torch.manual_seed(0)
-    u = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
     b = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     y = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda y, u, b: LoraUp.apply(y, u, b, 0.7), (y, u, b))
+    assert torch.autograd.gradcheck(lambda y, x, a, b: LoraDelta.apply(y, x, a, b, 0.7),
+                                    (y, x, a, b))
     # in place into a non-leaf output (the base layer's), as in a model
-    assert torch.autograd.gradcheck(lambda y, u, b: LoraUp.apply(y * 1, u, b, 0.7), (y, u, b))
-    # u as a column slice of a wider product, as SharedDown hands it out
-    wide = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda y, w, b: LoraUp.apply(y * 1, w[..., 2:5], b, 0.7),
-                                    (y, wide, b))
-    torch.testing.assert_close(LoraUp.apply(y, u, b, 0.7), y + u @ b.T * 0.7)
-
-
-def _sibling_outputs(layer, inputs):
-    """q/k/v outputs (and gradients of x) for a sequence of (projection name, x) calls."""
-    outs = [getattr(layer, name)(x) for name, x in inputs]
-    xs = list({id(x): x for _, x in inputs}.values())
-    grads = torch.autograd.grad(sum((o * (i + 1)).sum() for i, o in enumerate(outs)), xs)
-    return [o.detach() for o in outs], grads
-
-
-def test_siblings_share_one_down_projection_whatever_the_call_order(tiny_model_dir):
-    model = _model(tiny_model_dir)
-    attention = model.get_base_model().model.layers[0].self_attn
-    torch.manual_seed(1)
-    x, other = (torch.randn(2, 3, 32, requires_grad=True) for _ in range(2))
-    orders = [[("q_proj", x), ("k_proj", x), ("v_proj", x)],
-              [("v_proj", x), ("q_proj", x), ("k_proj", x)],
-              [("q_proj", x), ("k_proj", other), ("v_proj", x), ("q_proj", x)]]
-    plain = [_sibling_outputs(attention, calls) for calls in orders]
-    fuse_lora(model)
-    group = attention.q_proj.forward.args[2]
-    assert group.members == [attention.q_proj, attention.k_proj, attention.v_proj]
-    assert attention.k_proj.forward.args[2] is group and attention.o_proj.forward.args[2] is None
-    mlp = model.get_base_model().model.layers[0].mlp
-    assert mlp.up_proj.forward.args[2].members == [mlp.gate_proj, mlp.up_proj]
-    for calls, (outs, grads) in zip(orders, plain, strict=True):
-        fused_outs, fused_grads = _sibling_outputs(attention, calls)
-        for a, b in zip(fused_outs + list(fused_grads), outs + list(grads), strict=True):
-            _close(a, b)
-    attention.q_proj(x), attention.k_proj(x)
-    assert group._cached is not None and group._cached[0] is x
-    attention.v_proj(x)
-    assert group._cached is None  # every member took its share: nothing kept alive
+    assert torch.autograd.gradcheck(lambda y, x, a, b: LoraDelta.apply(y * 1, x, a, b, 0.7),
+                                    (y, x, a, b))
+    torch.testing.assert_close(LoraDelta.apply(y, x, a, b, 0.7), y + (x @ a.T) @ b.T * 0.7)
 
 
 def test_fused_model_gives_the_same_loss_and_gradients(tiny_model_dir, tiny_tokenizer):
