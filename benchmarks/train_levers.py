@@ -6,7 +6,10 @@ One process, one SmolLM2-135M LoRA model (r=16, all linear layers, fp32), the sa
 records as ``benchmarks/train_throughput.py`` (Wikipedia summaries, varied lengths). Every
 variant trains on the same examples in the same steps (batch 8); the variants run
 interleaved, round after round, and the table shows the median tokens/s (non-padding tokens
-over the steps' wall time), against the baseline and against the row above:
+over the steps' wall time), against the baseline and against the row above, and the share
+of the fp32 matmul peak (necessary FLOPs counted as in ``train_throughput.py``; the peak
+measured around every round). The process is warm after the first variant, so this is the
+steady state, without a fresh process's first-touch page faults:
 
 * ``baseline``: padded random batches, full logits (``model(...).logits``), AdamW for-loop;
 * ``+ target-only logits``: the output layer only at target positions (:mod:`tunelab.loss`);
@@ -45,7 +48,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    from train_throughput import build_data
+    from train_throughput import LORA, build_data, quick_peak, step_flops
 
     from tunelab import data
     from tunelab.config import build_config
@@ -100,7 +103,11 @@ def main() -> None:
     optimizers = {name: torch.optim.AdamW(trainable, lr=1e-5, foreach=False, **kw)
                   for name, (_, _, kw) in variants.items()}
     tokens = sum(len(e.input_ids) for e in examples)
+    config = json.loads((model_dir / "config.json").read_text())
+    flops = step_flops(config, [len(e.input_ids) for e in examples],
+                       [e.n_targets for e in examples], LORA["r"])
     rates: dict[str, list[float]] = {name: [] for name in variants}
+    peaks = [quick_peak()]  # the fp32 matmul peak around each round, for "of peak"
     for r in range(args.rounds):
         for name, (fn, step_batches, _) in variants.items():
             opt = optimizers[name]
@@ -116,19 +123,24 @@ def main() -> None:
                 opt.zero_grad(set_to_none=True)
             rates[name].append(tokens / (time.perf_counter() - start))
             print(f"  round {r + 1} {name:26} {rates[name][-1]:7.1f} tok/s", flush=True)
+        peaks.append(quick_peak())
+    peak = statistics.median(peaks)
     print(f"\n{n} examples ({stats['min_len']}-{stats['max_len']} tokens, median "
-          f"{stats['median_len']}), {steps} steps of batch {BATCH}, medians of {args.rounds}")
+          f"{stats['median_len']}), {steps} steps of batch {BATCH}, medians of {args.rounds}; "
+          f"fp32 matmul peak {peak:.0f} GFLOP/s (median of {len(peaks)}, around the rounds)")
     base = statistics.median(rates["baseline"])
     previous = base
     rows = {}
     for name, values in rates.items():
         med = statistics.median(values)
+        of_peak = flops * med / tokens / (peak * 1e9)
         print(f"{name:26} {med:7.1f} tok/s   x{med / base:.2f} of baseline   "
-              f"x{med / previous:.2f} of the row above")
-        rows[name] = {"tokens_per_s": med, "runs": values}
+              f"x{med / previous:.2f} of the row above   {of_peak:.2f} of peak")
+        rows[name] = {"tokens_per_s": med, "runs": values, "flops_fraction": of_peak}
         previous = med
     if args.json:
-        Path(args.json).write_text(json.dumps({"data": stats, "variants": rows}, indent=2))
+        out = {"data": stats, "variants": rows, "matmul_peaks": peaks, "flops_per_epoch": flops}
+        Path(args.json).write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
