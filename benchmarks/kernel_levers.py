@@ -77,13 +77,11 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=40)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    results = {"threads": torch.get_num_threads(), "pairs": args.pairs,
-               "output_layer": output_layer(args.pairs)}
-    for name, r in results.items():
-        if isinstance(r, dict):
-            times = {k: v for k, v in r.items() if k.endswith("_s")}
-            print(f"{name:14} " + "  ".join(f"{k[:-2]} {v * 1e3:7.1f} ms" for k, v in times.items())
-                  + f"  x{r['speedup']:.3f} (IQR {r['speedup_q25']:.3f}-{r['speedup_q75']:.3f})")
+    lever = output_layer(args.pairs)
+    print(f"output layer: MKL {lever['mkl_s'] * 1e3:.1f} ms, oneDNN {lever['onednn_s'] * 1e3:.1f} "
+          f"ms per call (medians); x{lever['speedup']:.3f}, interquartile range "
+          f"{lever['speedup_q25']:.3f}-{lever['speedup_q75']:.3f} over {args.pairs} pairs")
+    results = {"threads": torch.get_num_threads(), "pairs": args.pairs, "output_layer": lever}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
 

@@ -95,8 +95,8 @@ def head_logits(hidden: torch.Tensor, weight: torch.Tensor, onednn: bool = True
     On CPU in fp32 this goes through oneDNN instead of the MKL GEMM behind ``@``: for the
     output layer's short, very wide product (128 x 576 @ 576 x 49152 for SmolLM2) MKL
     reaches ~0.6 of the machine's square-matmul peak and oneDNN ~0.85; the whole chunked
-    cross-entropy runs 1.2x faster (``benchmarks/train_levers.py``, "+ oneDNN output
-    layer"). Everywhere else (CUDA, 16-bit, builds without oneDNN) it is the plain matmul.
+    cross-entropy runs 1.2x faster (``benchmarks/kernel_levers.py``). Everywhere else
+    (CUDA, 16-bit, builds without oneDNN, a graph being recorded) it is the plain matmul.
     """
     if (onednn and _ONEDNN_LINEAR is not None and hidden.device.type == "cpu"
             and type(hidden) is torch.Tensor and type(weight) in (torch.Tensor, torch.nn.Parameter)

@@ -99,6 +99,15 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+# non-reentrant checkpointing: works with frozen inputs and with DDP/FSDP
+CKPT_KWARGS = {"use_reentrant": False}
+
+
+def enable_grad_ckpt(model: torch.nn.Module) -> None:
+    """Gradient checkpointing on ``model`` (the transformers model under any wrapper)."""
+    unwrap(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs=CKPT_KWARGS)
+
+
 def prepare_model(cfg: TrainConfig, device: torch.device | None = None
                   ) -> tuple[torch.nn.Module, Any]:
     """Load the base and make the right parameters trainable for ``cfg.method``."""
@@ -114,9 +123,9 @@ def prepare_model(cfg: TrainConfig, device: torch.device | None = None
         # Norms to fp32 and input gradients on, so checkpointing works through the frozen base.
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.grad_ckpt,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+            gradient_checkpointing_kwargs=CKPT_KWARGS)
     elif cfg.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_grad_ckpt(model)
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -361,8 +370,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
              len(train_set), len(val_set), stats.n_truncated, stats.n_dropped, cfg.max_length)
     if not cfg.grad_ckpt and cfg.grad_ckpt_auto and needs_grad_ckpt(model, cfg, train_set,
                                                                      device, info):
-        unwrap(model).gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_grad_ckpt(model)
         cfg = replace(cfg, grad_ckpt=True)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
