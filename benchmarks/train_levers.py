@@ -21,6 +21,11 @@ steady state, without a fresh process's first-touch page faults:
 * ``+ fused LoRA update``, ``+ fused RMSNorm``: :mod:`tunelab.kernels`, one after the other;
 * ``+ oneDNN output layer``: the chunked loss's ``h W^T`` through oneDNN
   (:func:`tunelab.loss.head_logits`); every row above has it off.
+* ``compiled layers`` (only with ``--compile``: minutes of compiling): the last row with
+  every decoder layer under ``torch.compile`` (inductor, dynamic shapes) instead of the
+  :mod:`tunelab.kernels` fusions, which inductor does itself. (With the fusions kept, each
+  layer compiles on its own: their patched ``forward`` differs per module, so 30 compiles
+  instead of one.) The compile time, from a cold cache, is printed apart from the rate.
 """
 
 from __future__ import annotations
@@ -46,14 +51,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--compile", action="store_true",
+                        help="add a row with torch.compile'd decoder layers (compiles for minutes)")
     args = parser.parse_args()
+    if args.compile:  # a cold cache, so the compile time printed is a first run's
+        import os
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="levers-inductor-")
 
     from train_throughput import LORA, build_data, quick_peak, step_flops
 
     from tunelab import data
     from tunelab.config import build_config
     from tunelab.kernels import fuse_lora, fuse_rms_norm, unfuse
-    from tunelab.loss import ChunkedCrossEntropy, TargetLoss, full_logits_loss
+    from tunelab.loss import ChunkedCrossEntropy, TargetLoss, full_logits_loss, unwrap
     from tunelab.models import convert_gguf, resolve_model
     from tunelab.packing import collate_packed, use_packed_attention
     from tunelab.train import load_datasets, prepare_model
@@ -97,6 +108,9 @@ def main() -> None:
         "+ fused RMSNorm": (loss_fn, batches(random_order, True), {"fused": True}),
         "+ oneDNN output layer": (loss_fn, batches(random_order, True), {"fused": True}),
     }
+    layers = unwrap(model).model.layers
+    if args.compile:
+        variants["compiled layers"] = (loss_fn, batches(random_order, True), {"fused": True})
     # which tunelab.kernels fusions each variant runs with
     fusions = {"+ fused LoRA update": (fuse_lora,), "+ fused RMSNorm": (fuse_lora, fuse_rms_norm),
                "+ oneDNN output layer": (fuse_lora, fuse_rms_norm)}
@@ -107,21 +121,38 @@ def main() -> None:
     flops = step_flops(config, [len(e.input_ids) for e in examples],
                        [e.n_targets for e in examples], LORA["r"])
     rates: dict[str, list[float]] = {name: [] for name in variants}
+
+    def run_steps(name: str) -> float:
+        """One pass over the variant's steps; returns its wall time."""
+        fn, step_batches, _ = variants[name]
+        opt = optimizers[name]
+        unfuse(model)
+        for fuse in fusions.get(name, ()):
+            fuse(model)
+        ChunkedCrossEntropy.ONEDNN = name in ("+ oneDNN output layer", "compiled layers")
+        for layer in layers:  # nn.Module.compile's switch: the compiled call, or none
+            layer._compiled_call_impl = compiled.get(layer) if name == "compiled layers" else None
+        start = time.perf_counter()
+        for batch in step_batches:
+            loss, count = fn(**batch)
+            (loss / count).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    compiled: dict[torch.nn.Module, object] = {}
+    compile_s = None
+    if args.compile:
+        for layer in layers:
+            layer.compile(dynamic=True)
+            compiled[layer] = layer._compiled_call_impl
+        eager_s = run_steps("+ oneDNN output layer")
+        compile_s = run_steps("compiled layers") - eager_s  # the first pass compiles
+        print(f"  compiling the decoder layers took {compile_s:.0f} s", flush=True)
     peaks = [quick_peak()]  # the fp32 matmul peak around each round, for "of peak"
     for r in range(args.rounds):
-        for name, (fn, step_batches, _) in variants.items():
-            opt = optimizers[name]
-            unfuse(model)
-            for fuse in fusions.get(name, ()):
-                fuse(model)
-            ChunkedCrossEntropy.ONEDNN = name == "+ oneDNN output layer"
-            start = time.perf_counter()
-            for batch in step_batches:
-                loss, count = fn(**batch)
-                (loss / count).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            rates[name].append(tokens / (time.perf_counter() - start))
+        for name in variants:
+            rates[name].append(tokens / run_steps(name))
             print(f"  round {r + 1} {name:26} {rates[name][-1]:7.1f} tok/s", flush=True)
         peaks.append(quick_peak())
     peak = statistics.median(peaks)
@@ -139,7 +170,8 @@ def main() -> None:
         rows[name] = {"tokens_per_s": med, "runs": values, "flops_fraction": of_peak}
         previous = med
     if args.json:
-        out = {"data": stats, "variants": rows, "matmul_peaks": peaks, "flops_per_epoch": flops}
+        out = {"data": stats, "variants": rows, "matmul_peaks": peaks, "flops_per_epoch": flops,
+               "compile_seconds": compile_s}
         Path(args.json).write_text(json.dumps(out, indent=2))
 
 

@@ -124,15 +124,19 @@ def build_data(folder: Path, model_dir: Path, n_train: int, n_val: int, max_leng
 # ---------------------------------------------------------------------------------------
 # FLOPs a step must do
 
-def step_flops(config: dict, lengths: list[int], targets: list[int], lora_r: int) -> float:
+def step_flops(config: dict, lengths: list[int], targets: list[int], lora_r: int,
+               attention: bool = True) -> float:
     """FLOPs of forward + backward for LoRA training over sequences of these lengths.
 
     Counted as the work no implementation can skip: the frozen linear layers' forward and
     input-gradient matmuls (2 x 2 x params x tokens), the LoRA matmuls (forward, input and
     weight gradients: 3 x 2 x r x (in + out) per token and layer), causal attention (QK^T and
-    AV over the lower triangle, forward plus twice that backward), and the output layer
-    (forward and input gradient) only at the positions where a loss is taken. No weight
-    gradient for frozen weights, nothing for padding, embeddings or elementwise ops.
+    AV over the lower triangle, forward plus twice that backward; left out with
+    ``attention=False``), and the output layer (forward and input gradient) only at the
+    positions where a loss is taken. No weight gradient for frozen weights, nothing for
+    padding, embeddings or elementwise ops, and no input gradient into the first layer's
+    q/k/v projections: their input comes from the frozen embeddings, which need none
+    (``tests/test_benchmarks.py`` checks the count against torch's FLOP counter).
     """
     h = config["hidden_size"]
     inter = config["intermediate_size"]
@@ -141,17 +145,20 @@ def step_flops(config: dict, lengths: list[int], targets: list[int], lora_r: int
     kv = config.get("num_key_value_heads", heads)
     head_dim = config.get("head_dim") or h // heads
     vocab = config["vocab_size"]
-    shapes = [(h, heads * head_dim), (h, kv * head_dim), (h, kv * head_dim),
-              (heads * head_dim, h), (h, inter), (h, inter), (inter, h)]
+    qkv = [(h, heads * head_dim), (h, kv * head_dim), (h, kv * head_dim)]
+    shapes = qkv + [(heads * head_dim, h), (h, inter), (h, inter), (inter, h)]
     linear_params = sum(i * o for i, o in shapes)
     lora_per_token = 3 * 2 * lora_r * sum(i + o for i, o in shapes)
+    # layer 0's q/k/v: neither g W (frozen part) nor (g B) A (LoRA part) is needed
+    no_input_grad_per_token = sum(2 * i * o + 2 * lora_r * i for i, o in qkv)
     total = 0.0
     for n, t in zip(lengths, targets, strict=True):
         dense = 2 * 2 * linear_params * n
         lora = lora_per_token * n
         # QK^T and AV: 2 matmuls x 2 FLOPs x (n(n+1)/2 pairs) x head_dim x heads; x3 fwd+bwd
-        attention = 3 * 2 * 2 * (n * (n + 1) / 2) * head_dim * heads
-        total += layers * (dense + lora + attention) + 2 * 2 * vocab * h * t
+        attn = 3 * 2 * 2 * (n * (n + 1) / 2) * head_dim * heads if attention else 0.0
+        total += (layers * (dense + lora + attn) - no_input_grad_per_token * n
+                  + 2 * 2 * vocab * h * t)
     return total
 
 
