@@ -108,7 +108,6 @@ def main() -> None:
         "+ fused RMSNorm": (loss_fn, batches(random_order, True), {"fused": True}),
         "+ oneDNN output layer": (loss_fn, batches(random_order, True), {"fused": True}),
     }
-    layers = unwrap(model).model.layers
     if args.compile:
         variants["compiled layers"] = (loss_fn, batches(random_order, True), {"fused": True})
     # which tunelab.kernels fusions each variant runs with
@@ -130,8 +129,8 @@ def main() -> None:
         for fuse in fusions.get(name, ()):
             fuse(model)
         ChunkedCrossEntropy.ONEDNN = name in ("+ oneDNN output layer", "compiled layers")
-        for layer in layers:  # nn.Module.compile's switch: the compiled call, or none
-            layer._compiled_call_impl = compiled.get(layer) if name == "compiled layers" else None
+        for layer, call in compiled.items():  # nn.Module.compile's switch: compiled or eager
+            layer._compiled_call_impl = call if name == "compiled layers" else None
         start = time.perf_counter()
         for batch in step_batches:
             loss, count = fn(**batch)
@@ -143,7 +142,7 @@ def main() -> None:
     compiled: dict[torch.nn.Module, object] = {}
     compile_s = None
     if args.compile:
-        for layer in layers:
+        for layer in unwrap(model).model.layers:
             layer.compile(dynamic=True)
             compiled[layer] = layer._compiled_call_impl
         eager_s = run_steps("+ oneDNN output layer")

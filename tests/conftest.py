@@ -108,6 +108,33 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+def varied_examples(tokenizer, n: int = 6) -> list:
+    """Prompt/completion examples of clearly different lengths, encoded for training."""
+    from tunelab import data
+
+    rows = [{"prompt": "word " * (3 + 5 * i), "completion": "answer " * (1 + 3 * (i % 3))}
+            for i in range(n)]
+    records = [data.Record(r, "mem", i + 1) for i, r in enumerate(rows)]
+    return data.encode_records(records, tokenizer)[0]
+
+
+def packed_lora_model(tiny_model_dir: Path) -> torch.nn.Module:
+    """The tiny Llama with LoRA (r=4) on every linear layer, lora_B non-zero so every
+    gradient is non-trivial, switched to packed attention."""
+    from tunelab import models
+    from tunelab.adapters import attach_lora
+    from tunelab.packing import use_packed_attention
+
+    torch.manual_seed(0)
+    model, _ = models.load_model(str(tiny_model_dir), device="cpu")
+    model = attach_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    for name, p in model.named_parameters():  # B starts at zero
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    use_packed_attention(model)
+    return model
+
+
 @pytest.fixture
 def qa_data(tmp_path) -> Path:
     """32 prompt/completion pairs the tiny model can learn (answer = a fixed word)."""

@@ -6,13 +6,12 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tunelab import data, models
-from tunelab.adapters import attach_lora
+from tests.conftest import packed_lora_model, varied_examples
+from tunelab import data
 from tunelab.loss import ChunkedCrossEntropy, TargetLoss
-from tunelab.packing import collate_packed, use_packed_attention
+from tunelab.packing import collate_packed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from train_throughput import step_flops  # noqa: E402
@@ -22,13 +21,8 @@ def test_step_flops_equal_the_matmul_flops_of_a_packed_lora_step(tiny_model_dir,
                                                                   monkeypatch):
     # the oneDNN output layer is an op torch's FLOP counter does not know; the plain matmul is
     monkeypatch.setattr(ChunkedCrossEntropy, "ONEDNN", False)
-    torch.manual_seed(0)
-    model, _ = models.load_model(str(tiny_model_dir), device="cpu")
-    model = attach_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear")
-    use_packed_attention(model)
-    rows = [{"prompt": "word " * (2 + 3 * i), "completion": "yes " * (1 + i)} for i in range(4)]
-    records = [data.Record(r, "mem", i + 1) for i, r in enumerate(rows)]
-    examples = data.encode_records(records, tiny_tokenizer)[0]
+    model = packed_lora_model(tiny_model_dir)
+    examples = varied_examples(tiny_tokenizer)
     batch = collate_packed(examples)
     targets = [e.n_targets for e in examples]
     assert int((batch["labels"] != data.IGNORE_INDEX).sum()) == sum(targets)

@@ -7,31 +7,11 @@ import pytest
 import torch
 
 from tunelab import data, models
-from tunelab.adapters import attach_lora
 from tunelab.loss import TargetLoss, full_logits_loss
 from tunelab.packing import BOUNDS_KEY, collate_packed, use_packed_attention
 from tunelab.train import train
 
-from .conftest import write_jsonl
-
-
-def _examples(tokenizer, n=6):
-    """Prompt/completion examples of clearly different lengths."""
-    rows = [{"prompt": "word " * (3 + 5 * i), "completion": "answer " * (1 + 3 * (i % 3))}
-            for i in range(n)]
-    records = [data.Record(r, "mem", i + 1) for i, r in enumerate(rows)]
-    return data.encode_records(records, tokenizer)[0]
-
-
-def _lora_model(tiny_model_dir):
-    torch.manual_seed(0)
-    model, _ = models.load_model(str(tiny_model_dir), device="cpu")
-    model = attach_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear")
-    for name, p in model.named_parameters():  # B starts at zero: make every grad non-trivial
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.1)
-    use_packed_attention(model)
-    return model
+from .conftest import packed_lora_model, varied_examples, write_jsonl
 
 
 def _grads(model):
@@ -58,8 +38,8 @@ def _per_example_losses(model, batch, bounds=None):
 
 def test_packed_batch_gives_the_padded_per_example_losses_and_gradients(tiny_model_dir,
                                                                           tiny_tokenizer):
-    model = _lora_model(tiny_model_dir)
-    examples = _examples(tiny_tokenizer)
+    model = packed_lora_model(tiny_model_dir)
+    examples = varied_examples(tiny_tokenizer)
     padded = data.collate(examples, tiny_tokenizer.pad_token_id)
     packed = collate_packed(examples)
     assert packed["input_ids"].shape == (1, sum(len(e.input_ids) for e in examples))
@@ -88,8 +68,8 @@ def test_packed_batch_gives_the_padded_per_example_losses_and_gradients(tiny_mod
 
 
 def test_packed_examples_do_not_see_each_other(tiny_model_dir, tiny_tokenizer):
-    model = _lora_model(tiny_model_dir)
-    first, second, third = _examples(tiny_tokenizer, 3)
+    model = packed_lora_model(tiny_model_dir)
+    first, second, third = varied_examples(tiny_tokenizer, 3)
     changed = data.Example([(t * 7 + 3) % 50 + 5 for t in second.input_ids], second.labels)
     with torch.no_grad():
         a = collate_packed([first, second, third])
@@ -103,7 +83,7 @@ def test_packed_examples_do_not_see_each_other(tiny_model_dir, tiny_tokenizer):
 
 
 def test_no_target_crosses_an_example_boundary(tiny_tokenizer):
-    examples = _examples(tiny_tokenizer, 3)
+    examples = varied_examples(tiny_tokenizer, 3)
     packed = collate_packed(examples)
     bounds = packed[BOUNDS_KEY].tolist()
     for start in bounds[:-1]:
@@ -113,8 +93,8 @@ def test_no_target_crosses_an_example_boundary(tiny_tokenizer):
 
 
 def test_target_only_logits_give_the_full_logits_gradients(tiny_model_dir, tiny_tokenizer):
-    model = _lora_model(tiny_model_dir)
-    batch = data.collate(_examples(tiny_tokenizer), tiny_tokenizer.pad_token_id)
+    model = packed_lora_model(tiny_model_dir)
+    batch = data.collate(varied_examples(tiny_tokenizer), tiny_tokenizer.pad_token_id)
     model.zero_grad()
     fast, n = TargetLoss(model)(**batch)
     fast.backward()
@@ -133,7 +113,7 @@ def test_packed_attention_without_bounds_is_plain_sdpa(tiny_model_dir, tiny_toke
     plain, _ = models.load_model(str(tiny_model_dir), device="cpu")
     switched, _ = models.load_model(str(tiny_model_dir), device="cpu")
     use_packed_attention(switched)
-    batch = data.collate(_examples(tiny_tokenizer), tiny_tokenizer.pad_token_id)
+    batch = data.collate(varied_examples(tiny_tokenizer), tiny_tokenizer.pad_token_id)
     with torch.no_grad():
         a = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         b = switched(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -185,7 +165,7 @@ def test_training_runs_attention_through_the_packed_kernel(tiny_model_dir, tiny_
     from tunelab import packing
     from tunelab.loss import unwrap
 
-    model = _lora_model(tiny_model_dir)
+    model = packed_lora_model(tiny_model_dir)
     assert unwrap(model).config._attn_implementation == packing.ATTENTION_NAME
     seen = []
     real = torch.nn.functional.scaled_dot_product_attention
@@ -195,7 +175,7 @@ def test_training_runs_attention_through_the_packed_kernel(tiny_model_dir, tiny_
         return real(q, k, v, **kw)
 
     monkeypatch.setattr(packing.F, "scaled_dot_product_attention", spy)
-    examples = _examples(tiny_tokenizer, 3)
+    examples = varied_examples(tiny_tokenizer, 3)
     TargetLoss(model)(**collate_packed(examples))
     layers = unwrap(model).config.num_hidden_layers
     # one causal call per example and layer, each on that example's own length, no mask
@@ -211,7 +191,7 @@ def test_chunked_target_loss_gives_the_full_logits_gradients_of_full_fine_tuning
     model, _ = models.load_model(str(tiny_model_dir), device="cpu")
     for p in model.parameters():
         p.requires_grad_(True)
-    batch = data.collate(_examples(tiny_tokenizer), tiny_tokenizer.pad_token_id)
+    batch = data.collate(varied_examples(tiny_tokenizer), tiny_tokenizer.pad_token_id)
     model.zero_grad()
     fast, n = TargetLoss(model)(**batch)
     assert fast.grad_fn is not None and "ChunkedCrossEntropy" in type(fast.grad_fn).__name__
