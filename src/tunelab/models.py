@@ -213,30 +213,35 @@ def load_model(
     bits: int = 16,
     quant_type: str = "nf4",
     double_quant: bool = True,
+    streaming: bool = True,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` ready for training or generation on the chosen device.
 
     ``bits`` 4 or 8 loads the linear layers quantized through bitsandbytes (see
     ``tunelab.quant``); they compute in the run's dtype (fp32 on CPU, bf16 on CUDA).
+    A local safetensors checkpoint is read shard by shard and quantized as it goes
+    (:mod:`tunelab.loading`: no full-precision copy); ``streaming=False``, hub ids and
+    checkpoints whose names transformers rewrites go through ``from_pretrained``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     source = resolve_model(spec)
     folder = local_folder(source)
     _check_safetensors(folder, allow_pickle)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
-                              "use_safetensors": None if allow_pickle else True}
-    if bits != 16:
-        from tunelab.quant import bnb_config
-
-        kwargs["quantization_config"] = bnb_config(bits, torch_dtype, quant_type=quant_type,
-                                                   double_quant=double_quant)
-        kwargs["device_map"] = {"": dev}
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        model = None
+        if streaming and Path(folder).is_dir():
+            model = _load_streaming(folder, dev, torch_dtype, bits=bits, quant_type=quant_type,
+                                    double_quant=double_quant,
+                                    trust_remote_code=trust_remote_code)
+        if model is None:
+            model = _load_with_transformers(folder, dev, torch_dtype, bits=bits,
+                                            quant_type=quant_type, double_quant=double_quant,
+                                            allow_pickle=allow_pickle,
+                                            trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise ModelError(f"cannot load model '{spec}': {exc}") from exc
     except ValueError as exc:
@@ -244,8 +249,51 @@ def load_model(
             raise ModelError(f"model '{spec}' needs its own code; pass --trust-remote-code "
                              "(trust_remote_code: true) only if you trust it") from exc
         raise ModelError(f"cannot load model '{spec}': {exc}") from exc
-    if bits == 16:
-        model.to(dev)
     fix_special_tokens(tokenizer, model)
     model.tunelab_source = source  # so model cards can name what was loaded
     return model, tokenizer
+
+
+def _load_streaming(folder: str, device: torch.device, dtype: torch.dtype, *, bits: int,
+                    quant_type: str, double_quant: bool, trust_remote_code: bool) -> Any:
+    """:func:`tunelab.loading.load_streaming`, or ``None`` where it does not apply."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from tunelab import loading
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    try:
+        empty = loading.empty_model(config, dtype, trust_remote_code=trust_remote_code)
+    except ValueError:  # not a causal LM transformers knows: let from_pretrained say so
+        return None
+    if not loading.can_stream(folder, empty):
+        log.info("%s: checkpoint names differ from the model's; loading through transformers",
+                 folder)
+        return None
+    model = loading.load_streaming(folder, config, dtype=dtype, device=device, bits=bits,
+                                   quant_type=quant_type, double_quant=double_quant,
+                                   model=empty)
+    if (Path(folder) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    model.name_or_path = folder
+    model.config.name_or_path = folder
+    return model
+
+
+def _load_with_transformers(folder: str, device: torch.device, dtype: torch.dtype, *, bits: int,
+                            quant_type: str, double_quant: bool, allow_pickle: bool,
+                            trust_remote_code: bool) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code,
+                              "use_safetensors": None if allow_pickle else True}
+    if bits != 16:
+        from tunelab.quant import bnb_config
+
+        kwargs["quantization_config"] = bnb_config(bits, dtype, quant_type=quant_type,
+                                                   double_quant=double_quant)
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    if bits == 16:
+        model.to(device)
+    return model

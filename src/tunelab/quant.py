@@ -44,7 +44,13 @@ def bnb_config(bits: int, compute_dtype: torch.dtype, *, quant_type: str = "nf4"
 
 
 def is_quantized_linear(module: torch.nn.Module) -> bool:
-    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+    """A bitsandbytes 4- or 8-bit linear layer itself. Not peft's LoRA wrapper around one,
+    whose class has the same name (counting both would count every weight twice)."""
+    if type(module).__name__ not in ("Linear4bit", "Linear8bitLt"):
+        return False  # cheap test first: most modules are neither, and bnb imports slowly
+    import bitsandbytes as bnb
+
+    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
 def quantized_weight_bytes(module: torch.nn.Module) -> int:

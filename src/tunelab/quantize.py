@@ -100,7 +100,8 @@ def _measure(fmt: str, spec: str, folder: Path, texts: list[str], *, double_quan
     dtype = "bf16" if fmt == "bf16" else "fp32"
     model, tokenizer = models.load_model(spec, device=device, dtype=dtype, bits=bits,
                                          quant_type=fmt if fmt in ("nf4", "fp4") else "nf4",
-                                         double_quant=double_quant)
+                                         double_quant=double_quant, streaming=False)
+    # streaming=False: save_pretrained of a 4/8-bit model needs transformers' quantizer
     n_params = _unquantized_param_count(model)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
