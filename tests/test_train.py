@@ -17,6 +17,7 @@ from tunelab import data, models
 from tunelab.adapters import attach_lora
 from tunelab.config import build_config
 from tunelab.loss import TargetLoss, full_logits_loss
+from tunelab.preflight import RunWontFit
 from tunelab.train import lr_at, train
 
 
@@ -192,14 +193,18 @@ def test_gradient_checkpointing_goes_on_only_when_the_plan_does_not_fit(
 
     roomy, roomy_losses = run("roomy")  # this machine has GBs to spare: stays off
     assert roomy is False
-    # a device with 1 MiB to give: the plan does not fit, so checkpointing goes on
+    # a device with 1 MiB to give: the plan does not fit even with checkpointing, so the run
+    # is refused before the model loads, with the figures; --force tries anyway
     monkeypatch.setattr(train_module, "memory_budget_bytes", lambda device: 1 << 20)
-    with caplog.at_level(logging.WARNING, logger="tunelab.train"):
-        tight, tight_losses = run("tight")
+    with pytest.raises(RunWontFit, match=r"needs about .* has 1\.0 MiB available .*--force"):
+        run("refused")
+    assert not (tmp_path / "refused" / "run_config.json").exists()
+    with caplog.at_level(logging.WARNING, logger="tunelab.preflight"):
+        tight, tight_losses = run("tight", force=True)
     assert tight is True
     assert "gradient checkpointing on" in caplog.text
-    assert "even with checkpointing" in caplog.text  # 1 MiB is too little either way
+    assert "trying anyway" in caplog.text
     # recomputing activations changes no number
     for a, b in zip(roomy_losses, tight_losses, strict=True):
         assert abs(a - b) <= 1e-5 * abs(a)
-    assert run("opted-out", grad_ckpt_auto=False)[0] is False
+    assert run("opted-out", grad_ckpt_auto=False, force=True)[0] is False

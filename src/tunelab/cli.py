@@ -111,6 +111,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             values[key] = value
     if args.resume:
         values["resume"] = True
+    if args.force:
+        values["force"] = True
     cfg = build_config(values, source=args.config_and_overrides[0]
                        if values and args.config_and_overrides else "command line")
     result = train(cfg, progress=not args.no_progress)
@@ -139,6 +141,8 @@ def _add_train(sub: Any) -> None:
         p.add_argument(flag, type=typ, default=None)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--force", action="store_true",
+                   help="train even where the plan says the run will not fit in memory")
     p.add_argument("--nproc", type=int, default=None,
                    help="data-parallel processes on this node (runs torchrun)")
     for option in TORCHRUN_OPTIONS:

@@ -102,6 +102,7 @@ class TrainConfig:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     resume: bool = False
+    force: bool = False  # train even where the plan says the run will not fit in memory
     # data parallelism under torchrun: auto = FSDP2 for full fine-tuning, DDP for LoRA
     parallel: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)

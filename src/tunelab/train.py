@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from tunelab import adapters, checkpoint, data, models
+from tunelab import adapters, checkpoint, data, models, preflight
 from tunelab import distributed as dist
 from tunelab.config import TrainConfig, save_config
 from tunelab.errors import ConfigError, TunelabError
@@ -134,45 +134,6 @@ def prepare_model(cfg: TrainConfig, device: torch.device | None = None
                                  dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
                                  use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
     return model, tokenizer
-
-
-def needs_grad_ckpt(model: torch.nn.Module, cfg: TrainConfig, train_set: list[data.Example],
-                    device: torch.device, info: dist.DistInfo) -> bool:
-    """Gradient checkpointing only where memory requires it (it costs a second forward).
-
-    True when the plan's peak for this run without checkpointing (:mod:`tunelab.plan`, the
-    estimate ``train`` prints at the end) is more than the device can give this process.
-    """
-    from tunelab.plan import run_estimate
-
-    budget = memory_budget_bytes(device)
-    if budget is None:
-        return False
-    steps = total_steps(cfg, len(train_set) // info.world)
-
-    def planned(ckpt: bool) -> int:
-        est, _ = run_estimate(model, replace(cfg, grad_ckpt=ckpt), train_set, steps,
-                              rank=info.rank, world=info.world)
-        # on CUDA the context is outside what the budget counts
-        return est.total - (est.overhead if device.type == "cuda" else 0)
-
-    try:
-        without = planned(False)
-        if without <= budget:
-            return False
-        with_ckpt = planned(True)
-    except Exception as exc:  # a model the planner cannot size: leave the choice to the user
-        log.debug("no memory plan for automatic gradient checkpointing: %s", exc)
-        return False
-    log.warning("gradient checkpointing on: the plan puts this run at %s without it, more than "
-                "the %s this %s has available (%s with it). Set grad_ckpt_auto: false to "
-                "keep it off.", fmt_bytes(without), fmt_bytes(budget), device.type,
-                fmt_bytes(with_ckpt))
-    if with_ckpt > budget:
-        log.warning("even with checkpointing the plan (%s) is over the %s available: lower "
-                    "batch_size or max_length, or use method: qlora", fmt_bytes(with_ckpt),
-                    fmt_bytes(budget))
-    return True
 
 
 def load_datasets(cfg: TrainConfig, tokenizer: Any
@@ -349,8 +310,17 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
     info = dist.init_distributed(models.pick_device(cfg.device))
     device = dist.local_device(models.pick_device(cfg.device), info)
     out = Path(cfg.out)
+    # Everything cheap first (tunelab.preflight): a 7B takes minutes to load.
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        preflight.check_output_writable(out)
+    tokenizer = models.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    train_set, val_set, stats = load_datasets(cfg, tokenizer)
+    log.info("data: %d train / %d validation examples; %d truncated, %d dropped (max_length %d)",
+             len(train_set), len(val_set), stats.n_truncated, stats.n_dropped, cfg.max_length)
+    steps = total_steps(cfg, len(train_set) // info.world)
+    cfg = preflight.plan_before_load(cfg, train_set, steps, device,
+                                     budget=memory_budget_bytes(device), rank=info.rank,
+                                     world=info.world)
     torch.manual_seed(cfg.seed + info.rank)  # dropout differs per process, data order does not
     model, tokenizer = prepare_model(cfg, device)
     if cfg.packing:
@@ -365,13 +335,6 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
 
         log.debug("fused kernels: %d LoRA layers, %d norms", fuse_lora(model),
                   fuse_rms_norm(model))
-    train_set, val_set, stats = load_datasets(cfg, tokenizer)
-    log.info("data: %d train / %d validation examples; %d truncated, %d dropped (max_length %d)",
-             len(train_set), len(val_set), stats.n_truncated, stats.n_dropped, cfg.max_length)
-    if not cfg.grad_ckpt and cfg.grad_ckpt_auto and needs_grad_ckpt(model, cfg, train_set,
-                                                                     device, info):
-        enable_grad_ckpt(model)
-        cfg = replace(cfg, grad_ckpt=True)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
@@ -394,7 +357,6 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
     global_batch = cfg.batch_size * info.world
     lengths = [len(e.input_ids) for e in train_set] if cfg.group_by_length else None
     schedule = data.BatchSchedule(len(train_set), global_batch, cfg.seed, lengths)
-    steps = total_steps(cfg, len(train_set) // info.world)
 
     state = checkpoint.TrainState(extra={"global_batch": global_batch})
     resume_from = checkpoint.latest_checkpoint(out) if cfg.resume else None

@@ -50,7 +50,7 @@ from tunelab.plan.estimate import (
     training_flops_per_token,
 )
 from tunelab.plan.report import MethodPlan, Plan, build_plan, format_plan
-from tunelab.plan.runtime import RunShape, compare_to_run, run_estimate, run_shape
+from tunelab.plan.runtime import RunShape, compare_to_run, plan_run, run_estimate, run_shape
 
 __all__ = [
     "CATALOG", "GPUS", "GPU", "Arch", "ResolvedModel", "arch_from_gguf", "arch_from_hf_config",
@@ -61,5 +61,5 @@ __all__ = [
     "lora_params", "quant_bits_per_weight", "training_flops_per_token", "MethodPlan", "Plan",
     "build_plan", "format_plan", "CPU_HEAP_RETENTION", "CPU_PEFT_IMPORT_BYTES",
     "CPU_RUNTIME_BYTES", "CPU_TOKENIZER_BYTES_PER_TOKEN", "cpu_overhead_bytes", "RunShape",
-    "compare_to_run", "run_estimate", "run_shape",
+    "compare_to_run", "plan_run", "run_estimate", "run_shape",
 ]

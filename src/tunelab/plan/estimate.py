@@ -25,10 +25,9 @@ CPU (``device="cpu"``) is calibrated against peak RSS (``ru_maxrss``) of real
   lora/qlora, :data:`CPU_PEFT_IMPORT_BYTES`), the trainer's runtime
   (:data:`CPU_RUNTIME_BYTES`) and the tokenizer (:data:`CPU_TOKENIZER_BYTES_PER_TOKEN` per
   vocabulary entry).
-* **weights**: safetensors are memory-mapped; the pages count in RSS once touched, once (a
-  full fine-tune's optimizer step turns them into private copies, not second copies). qlora
-  also keeps the mapped checkpoint pages it read to quantize the linears
-  (``checkpoint_dtype`` bytes per linear weight) for as long as the mapping lives.
+* **weights**: every tensor as stored in memory (compute dtype, or quantized). tunelab reads
+  checkpoints shard by shard with ``pread`` (:mod:`tunelab.loading`), so no mapped file page
+  stays resident after the load: a qlora base costs its quantized bytes only.
 * **the two ends of backward**: saved activations and logits are freed during backward while
   gradients are produced, so the peak is the larger end, not the sum (``overlap`` is the
   difference, <= 0). The start holds every saved tensor plus the lm_head weight gradient
@@ -509,7 +508,6 @@ def estimate_memory(
     parallel: str = "ddp",
     overhead_bytes: int | None = None,
     heap_retention: float | None = None,
-    checkpoint_dtype: str | None = None,
 ) -> MemoryEstimate:
     """Estimate peak training memory per device.
 
@@ -534,8 +532,6 @@ def estimate_memory(
         overhead_bytes: replaces :data:`CUDA_CONTEXT_BYTES` / :func:`cpu_overhead_bytes`.
         heap_retention: CPU only; replaces :data:`CPU_HEAP_RETENTION` (0 for an allocator
             that returns freed memory, e.g. ``MALLOC_MMAP_THRESHOLD_=131072``).
-        checkpoint_dtype: CPU qlora only; dtype of the memory-mapped checkpoint the base is
-            quantized from (default ``dtype``).
 
     Parts kept in the compute dtype under qlora: token embedding, lm_head, norms, biases and
     ``arch.extra_params``. Full fine-tuning keeps weights and gradients in ``dtype``.
@@ -577,11 +573,6 @@ def estimate_memory(
         else:
             kept_16bit = total_params - arch.linear_weight_params
             weights = int(quantized_linear_bytes(arch, quant)) + kept_16bit * b
-            if cpu:
-                # The checkpoint is memory-mapped; every linear weight read to be quantized
-                # stays resident while the mapping lives (the unquantized parts keep it).
-                c = DTYPE_BYTES[normalise_dtype(checkpoint_dtype or dtype)]
-                weights += arch.linear_weight_params * c
     optimizer_bytes = trainable * OPTIMIZER_BYTES_PER_PARAM[optimizer]
 
     act_kw: dict[str, Any] = dict(

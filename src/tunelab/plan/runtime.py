@@ -8,15 +8,13 @@ importing :mod:`tunelab.plan` stays light.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from tunelab.errors import ConfigError
-from tunelab.plan.catalog import arch_from_hf_config
+from tunelab.plan.catalog import Arch, arch_from_hf_config
 from tunelab.plan.estimate import MemoryEstimate, estimate_memory, normalise_targets
 
 CALIBRATED_WITHIN = 0.15  # the tolerance tests/plan/test_calibration.py holds the CPU model to
@@ -73,23 +71,6 @@ def run_shape(examples: Sequence[Any], batch_size: int, seed: int, micro_batches
     return RunShape(best.batch, best.width, best_targets)
 
 
-def _checkpoint_dtype(source: Any) -> str | None:
-    """The dtype of the checkpoint a quantized base was read from (CPU qlora keeps its
-    memory-mapped pages): GGUF files are converted to fp32; folders say so in config.json."""
-    if source is None:
-        return None
-    if getattr(source, "kind", None) == "gguf":
-        return "fp32"
-    if getattr(source, "kind", None) == "folder":
-        try:
-            cfg = json.loads((Path(source.path) / "config.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return None
-        name = str(cfg.get("torch_dtype") or cfg.get("dtype") or "")
-        return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(name)
-    return None
-
-
 def _allocator_returns_memory() -> bool:
     """True when glibc was told to return freed blocks (a fixed mmap threshold), in which
     case the CPU heap-retention term does not apply."""
@@ -97,25 +78,21 @@ def _allocator_returns_memory() -> bool:
         "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", "")
 
 
-def run_estimate(model: Any, cfg: Any, examples: Sequence[Any], steps: int, *,
-                 rank: int = 0, world: int = 1, sharded: bool = False
-                 ) -> tuple[MemoryEstimate, RunShape]:
-    """The plan's estimate for a run that just trained ``model`` with ``cfg`` for ``steps``
-    optimizer steps over ``examples`` (the tokenized training set)."""
-    from tunelab.loss import unwrap
+def plan_run(arch: Arch, cfg: Any, examples: Sequence[Any], steps: int, *, device: str,
+             dtype: str, adapter_dtype: str = "fp32", rank: int = 0, world: int = 1,
+             sharded: bool = False) -> tuple[MemoryEstimate, RunShape]:
+    """The plan's estimate for a run of ``cfg`` over ``examples`` (the tokenized training
+    set) for ``steps`` optimizer steps, on ``device`` (``cpu``/``cuda``) computing in ``dtype``.
 
-    inner = unwrap(model)
-    arch = arch_from_hf_config(inner.config.to_dict())
+    This is the one computation behind the check ``tunelab train`` makes before it loads the
+    model (refuse a run that will not fit, switch gradient checkpointing on), the line it
+    prints at the end, and ``tunelab plan`` for a config (``tunelab plan CONFIG.yaml``).
+    """
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"the plan has no memory model for device '{device}'")
     shape = run_shape(examples, cfg.batch_size, cfg.seed, steps * cfg.grad_accum,
                       rank=rank, world=world, packed=getattr(cfg, "packing", False),
                       group_by_length=getattr(cfg, "group_by_length", False))
-    params = list(model.parameters())
-    device = params[0].device.type if params else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ConfigError(f"the plan has no memory model for device '{device}'")
-    dtype = _DTYPES.get(str(inner.get_input_embeddings().weight.dtype), "fp32")
-    trainable = [p for p in params if p.requires_grad]
-    adapter_dtype = _DTYPES.get(str(trainable[0].dtype), "fp32") if trainable else "fp32"
     method = cfg.method
     quant = "nf4-dq"
     bits = getattr(cfg, "base_bits", 16)
@@ -134,9 +111,30 @@ def run_estimate(model: Any, cfg: Any, examples: Sequence[Any], steps: int, *,
         lora_r=cfg.lora_r, lora_targets=targets, adapter_dtype=adapter_dtype, quant=quant,
         target_fraction=min(1.0, max(shape.targets, 1) / shape.tokens),
         gpus=world if device == "cuda" else 1, parallel="fsdp" if sharded else "ddp",
-        heap_retention=0.0 if _allocator_returns_memory() else None,
-        checkpoint_dtype=_checkpoint_dtype(getattr(inner, "tunelab_source", None)))
+        heap_retention=0.0 if _allocator_returns_memory() else None)
     return est, shape
+
+
+def run_estimate(model: Any, cfg: Any, examples: Sequence[Any], steps: int, *,
+                 rank: int = 0, world: int = 1, sharded: bool = False
+                 ) -> tuple[MemoryEstimate, RunShape]:
+    """:func:`plan_run` for a run that trained ``model``: its shape, device and dtypes read
+    from the model itself."""
+    from tunelab.loss import unwrap
+
+    inner = unwrap(model)
+    arch = arch_from_hf_config(inner.config.to_dict())
+    from tunelab.models import pick_dtype
+
+    params = list(model.parameters())
+    device = params[0].device.type if params else "cpu"
+    # the run's compute dtype, not the embeddings' (k-bit preparation keeps those in fp32)
+    dtype = _DTYPES.get(str(pick_dtype(cfg.dtype, params[0].device)), "fp32") if params \
+        else "fp32"
+    trainable = [p for p in params if p.requires_grad]
+    adapter_dtype = _DTYPES.get(str(trainable[0].dtype), "fp32") if trainable else "fp32"
+    return plan_run(arch, cfg, examples, steps, device=device, dtype=dtype,
+                    adapter_dtype=adapter_dtype, rank=rank, world=world, sharded=sharded)
 
 
 def compare_to_run(model: Any, cfg: Any, measured_peak_bytes: int, examples: Sequence[Any],
@@ -169,4 +167,5 @@ def compare_to_run(model: Any, cfg: Any, measured_peak_bytes: int, examples: Seq
     return line
 
 
-__all__ = ["CALIBRATED_WITHIN", "RunShape", "compare_to_run", "run_estimate", "run_shape"]
+__all__ = ["CALIBRATED_WITHIN", "RunShape", "compare_to_run", "plan_run", "run_estimate",
+           "run_shape"]

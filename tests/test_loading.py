@@ -1,0 +1,141 @@
+"""The streaming loader (tunelab.loading): the same model as from_pretrained, shard by shard,
+quantized as it goes; and what ``train`` checks before it loads anything."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tunelab import loading, models
+from tunelab.config import build_config
+from tunelab.errors import ConfigError, DataError
+from tunelab.random_checkpoint import build_random_checkpoint
+from tunelab.train import train
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(tmp_path_factory, tiny_model_dir):
+    """A random 3-layer Llama written in several small shards, with the tiny tokenizer."""
+    from transformers import AutoTokenizer
+
+    from tunelab.plan.catalog import Arch
+
+    arch = Arch("sharded test", hidden=64, layers=3, heads=4, kv_heads=2, intermediate=128,
+                vocab=400, key="sharded-test")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    folder = tmp_path_factory.mktemp("sharded") / "model"
+    build_random_checkpoint(folder, arch, tokenizer=tok, shard_bytes=60_000)
+    return folder
+
+
+def test_random_checkpoint_is_sharded_bf16_and_complete(sharded_dir):
+    index = json.loads((sharded_dir / "model.safetensors.index.json").read_text())
+    files = set(index["weight_map"].values())
+    assert len(files) >= 3
+    assert len(loading.shard_files(sharded_dir)) == len(files)
+    from safetensors import safe_open
+
+    with safe_open(str(sharded_dir / sorted(files)[0]), "pt") as fh:
+        assert all(fh.get_slice(k).get_dtype() == "BF16" for k in fh.keys())
+    # a second call finds the finished checkpoint and leaves it alone
+    mtime = (sharded_dir / "model.safetensors.index.json").stat().st_mtime_ns
+    build_random_checkpoint(sharded_dir, "llama-2-7b")
+    assert (sharded_dir / "model.safetensors.index.json").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("bits", [16, 4, 8])
+def test_streaming_load_equals_from_pretrained(sharded_dir, bits):
+    ids = torch.tensor([[1, 5, 9, 30, 77, 120, 3, 2]])
+    streamed, _ = models.load_model(str(sharded_dir), device="cpu", bits=bits)
+    reference, _ = models.load_model(str(sharded_dir), device="cpu", bits=bits,
+                                     streaming=False)
+    assert not any(p.device.type == "meta" for p in streamed.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(ids).logits, reference(ids).logits)
+    if bits != 16:
+        from tunelab.quant import is_quantized_linear
+
+        n = sum(is_quantized_linear(m) for m in streamed.modules())
+        assert n == sum(is_quantized_linear(m) for m in reference.modules()) == 3 * 7
+        assert getattr(streamed, f"is_loaded_in_{bits}bit") is True
+        assert streamed.lm_head.weight.dtype == torch.float32  # output layer unquantized
+
+
+def test_quantized_layers_are_counted_once_under_lora(sharded_dir):
+    from tunelab.adapters import attach_lora
+    from tunelab.quant import quantized_layer_memory
+
+    model, _ = models.load_model(str(sharded_dir), device="cpu", bits=4)
+    before = quantized_layer_memory(model)
+    model = attach_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    after = quantized_layer_memory(model)
+    assert after == before
+    # 3 layers x (q 64x64 + k,v 64x32 + o 64x64 + gate, up, down 64x128)
+    assert after["n_weights"] == 3 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128)
+
+
+def test_checkpoint_with_renamed_tensors_goes_through_transformers(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "renamed"
+    folder.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if f.name != "model.safetensors":
+            (folder / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(tiny_model_dir / "model.safetensors"))
+    save_file({"extra." + k: v for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    empty = loading.empty_model(
+        __import__("transformers").AutoConfig.from_pretrained(folder), torch.float32)
+    assert not loading.can_stream(folder, empty)
+    assert loading.can_stream(tiny_model_dir, loading.empty_model(
+        __import__("transformers").AutoConfig.from_pretrained(tiny_model_dir), torch.float32))
+
+
+def _boom(*args, **kwargs):
+    raise AssertionError("the model was loaded before the cheap checks")
+
+
+def test_missing_data_is_reported_before_the_model_loads(tiny_model_dir, tmp_path,
+                                                         monkeypatch):
+    import tunelab.train as train_module
+
+    monkeypatch.setattr(train_module, "prepare_model", _boom)
+    cfg = build_config({"model": str(tiny_model_dir), "data": str(tmp_path / "nope.jsonl"),
+                        "out": str(tmp_path / "out"), "device": "cpu"})
+    with pytest.raises(DataError, match="nope.jsonl"):
+        train(cfg, progress=False)
+
+
+def test_unwritable_output_is_reported_before_the_model_loads(tiny_model_dir, qa_data,
+                                                              tmp_path, monkeypatch):
+    import tunelab.train as train_module
+
+    monkeypatch.setattr(train_module, "prepare_model", _boom)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    cfg = build_config({"model": str(tiny_model_dir), "data": str(qa_data),
+                        "out": str(blocker / "out"), "device": "cpu"})
+    with pytest.raises(ConfigError, match="not writable"):
+        train(cfg, progress=False)
+
+
+def test_refusal_names_the_figures_and_what_would_fit(tiny_model_dir, qa_data, tmp_path):
+    from tunelab import preflight
+
+    cfg = build_config({"model": str(tiny_model_dir), "data": str(qa_data),
+                        "out": str(tmp_path / "out"), "device": "cpu", "method": "lora",
+                        "max_length": 2048})
+    tok = models.load_tokenizer(str(tiny_model_dir))
+    from tunelab.train import load_datasets
+
+    train_set, _, _ = load_datasets(cfg, tok)
+    device = torch.device("cpu")
+    planned = preflight._planned_bytes(preflight.model_arch(cfg.model), cfg, train_set, 4,
+                                       device, 0, 1)[0]
+    fits = preflight.plan_before_load(cfg, train_set, 4, device, budget=planned)
+    assert fits == cfg  # exactly at the plan: goes ahead unchanged
+    with pytest.raises(preflight.RunWontFit) as info:
+        preflight.plan_before_load(cfg, train_set, 4, device, budget=planned // 100)
+    assert "weights" in str(info.value) and "--force" in str(info.value)
