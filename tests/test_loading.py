@@ -139,3 +139,33 @@ def test_refusal_names_the_figures_and_what_would_fit(tiny_model_dir, qa_data, t
     with pytest.raises(preflight.RunWontFit) as info:
         preflight.plan_before_load(cfg, train_set, 4, device, budget=planned // 100)
     assert "weights" in str(info.value) and "--force" in str(info.value)
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+def test_streaming_merge_equals_base_plus_adapter(sharded_dir, tmp_path, bits):
+    """Merged shards (written one at a time) compute what base + adapter computed."""
+    from tunelab import adapters
+    from tunelab.merge_streaming import merge_streaming
+
+    torch.manual_seed(1)
+    model, tok = models.load_model(str(sharded_dir), device="cpu", bits=bits)
+    model = adapters.attach_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    adapters.save_adapter(model, tmp_path / "adapter", meta={"base_bits": bits,
+                                                            "quant_type": "nf4",
+                                                            "double_quant": True})
+    ids = torch.tensor([[1, 5, 9, 30, 77, 120, 3, 2]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    report = merge_streaming(sharded_dir, tmp_path / "adapter", tmp_path / "merged",
+                             dtype=torch.float32, progress=False)
+    assert report["merged_weights"] == 3 * 7
+    assert report["shards"] == len(loading.shard_files(sharded_dir)) > 1
+    merged, _ = models.load_model(str(tmp_path / "merged"), device="cpu")
+    assert "quantization_config" not in json.loads(
+        (tmp_path / "merged" / "config.json").read_text())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=2e-4,
+                                   rtol=1e-4)

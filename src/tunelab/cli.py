@@ -250,9 +250,23 @@ def _add_generate(sub: Any) -> None:
 # ------------------------------------------------------------------------------ merge
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
-    from tunelab.merge import merge_to_checkpoint
+def models_folder(spec: str) -> str:
+    from tunelab import models
 
+    return models.local_folder(models.resolve_model(spec))
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from tunelab.merge import merge_to_checkpoint, wants_streaming
+
+    if args.streaming or (args.streaming is None and wants_streaming(args.model)):
+        from tunelab.merge_streaming import merge_streaming
+
+        report = merge_streaming(models_folder(args.model), args.adapter, Path(args.out))
+        print(f"merged checkpoint saved to {report['out']} ({report['merged_weights']} "
+              f"weights merged, {report['shards']} bf16 shards, streamed shard by shard; "
+              "no logit check: that would need the whole model in memory)")
+        return 0
     report = merge_to_checkpoint(args.model, args.adapter, Path(args.out),
                                  allow_pickle=args.allow_pickle, device=args.device,
                                  requantize=args.requantize)
@@ -274,6 +288,9 @@ def _add_merge(sub: Any) -> None:
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--requantize", choices=("nf4", "fp4", "int8"), default=None,
                    help="also measure the merged model re-quantized")
+    p.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
+                   help="merge shard by shard into bf16 shards (default: when the model "
+                        "in fp32 would not fit in memory)")
     p.set_defaults(func=cmd_merge)
 
 

@@ -14,6 +14,7 @@ warns about).
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,27 @@ from tunelab import adapters, models
 log = logging.getLogger(__name__)
 
 PROBE = "The quick brown fox jumps over the lazy dog. Fine-tuning adapts a model to a task."
+
+
+def wants_streaming(model_spec: str) -> bool:
+    """Merge shard by shard when the in-memory merge would not fit: it holds about three
+    fp32 copies of the base (quantized reference, dequantized merge, original)."""
+    from tunelab.loading import shard_files
+    from tunelab.memory import memory_budget_bytes
+
+    try:
+        folder = Path(models.local_folder(models.resolve_model(model_spec)))
+    except Exception:  # a hub id or a bad spec: the in-memory path reports it
+        return False
+    files = shard_files(folder) if folder.is_dir() else []
+    if not files:
+        return False
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    stored = 2 if str(config.get("dtype") or config.get("torch_dtype")) in (
+        "bfloat16", "float16") else 4
+    fp32_bytes = sum(f.stat().st_size for f in files) * 4 // stored
+    budget = memory_budget_bytes(torch.device("cpu"))
+    return budget is not None and 3 * fp32_bytes > budget
 
 
 @torch.no_grad()
