@@ -146,12 +146,15 @@ def fuse_rms_norm(model: torch.nn.Module) -> int:
 
 
 def unfuse(model: torch.nn.Module) -> int:
-    """Undo :func:`fuse_lora` / :func:`fuse_rms_norm`: modules get their own forward back."""
+    """Undo :func:`fuse_lora` / :func:`fuse_rms_norm` / :func:`tunelab.dequant.fuse_4bit`:
+    modules get their own forward back."""
+    from tunelab.dequant import _forward as dequant_forward
+
     count = 0
     for module in model.modules():
         patched = module.__dict__.get("forward")
         if isinstance(patched, functools.partial) and patched.func in (
-                _fused_lora_forward, _fused_rms_norm_forward):
+                _fused_lora_forward, _fused_rms_norm_forward, dequant_forward):
             del module.__dict__["forward"]
             count += 1
     return count

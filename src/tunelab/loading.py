@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from tunelab.errors import ModelError
+from tunelab.memory import release_free_heap
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,7 @@ def load_streaming(folder: str | Path, config: Any, *, dtype: torch.dtype,
                 setattr(module, attr, value)
                 del tensor, value
                 loaded.add(key)
+        release_free_heap()  # the shard's conversion temporaries (see memory.py)
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:

@@ -40,7 +40,13 @@ from tunelab import distributed as dist
 from tunelab.config import TrainConfig, save_config
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.loss import TargetLoss, unwrap
-from tunelab.memory import fmt_bytes, memory_budget_bytes, model_memory_parts, peak_memory_bytes
+from tunelab.memory import (
+    fmt_bytes,
+    memory_budget_bytes,
+    model_memory_parts,
+    peak_memory_bytes,
+    reset_peak_memory,
+)
 from tunelab.packing import BOUNDS_KEY, collate_packed, supports_packing, use_packed_attention
 
 log = logging.getLogger(__name__)
@@ -322,7 +328,12 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
                                      budget=memory_budget_bytes(device), rank=info.rank,
                                      world=info.world)
     torch.manual_seed(cfg.seed + info.rank)  # dropout differs per process, data order does not
+    load_start = time.perf_counter()
     model, tokenizer = prepare_model(cfg, device)
+    load_seconds = time.perf_counter() - load_start
+    load_peak = peak_memory_bytes(device)
+    # the training phase's own peak from here (the whole run's is the larger of the two)
+    train_peak_known = reset_peak_memory(device)
     if cfg.packing:
         if supports_packing(model):
             use_packed_attention(model)
@@ -331,10 +342,11 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
                      "micro-batches are padded", type(unwrap(model)).__name__)
             cfg = replace(cfg, packing=False)
     if cfg.fused_kernels:
+        from tunelab.dequant import fuse_4bit
         from tunelab.kernels import fuse_lora, fuse_rms_norm
 
-        log.debug("fused kernels: %d LoRA layers, %d norms", fuse_lora(model),
-                  fuse_rms_norm(model))
+        log.debug("fused kernels: %d LoRA layers, %d norms, %d 4-bit layers", fuse_lora(model),
+                  fuse_rms_norm(model), fuse_4bit(model))
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
@@ -459,7 +471,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
         log.warning("interrupted at step %d; checkpoint saved. Continue with --resume.",
                     state.step)
     _check_finite(trainable, state.step, out, info, device)
-    peak = peak_memory_bytes(device)
+    train_peak = peak_memory_bytes(device)
+    peak = max(load_peak, train_peak) if train_peak_known else train_peak
     final_metrics = {"steps": state.step, "train_loss": _round(last_train_loss),
                      "val_loss": _round(last_val_loss), "best_val_loss":
                      _round(state.best_val_loss), "best_step": state.best_step}
@@ -476,6 +489,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
         summary = {**asdict(result), "out": str(out), "weights_dir": str(weights_dir),
                    "trainable_parameters": n_trainable, "total_parameters": n_total,
                    "processes": info.world, "memory_parts": model_memory_parts(model, optimizer),
+                   "load_seconds": load_seconds, "load_peak_memory_bytes": load_peak,
+                   "train_peak_memory_bytes": train_peak if train_peak_known else None,
                    "licence": {"id": licence.id, "category": licence.category,
                                "summary": licence.summary, "source": licence.source}}
         if cfg.base_bits != 16:
@@ -485,8 +500,15 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
         _write_json(out / "summary.json", summary)
         log.info("peak memory %s; %.0f tokens/s; weights in %s", fmt_bytes(peak), tokens_per_s,
                  weights_dir)
-        from tunelab.plan import compare_to_run
+        from tunelab.plan import compare_to_run, run_estimate
 
+        try:
+            planned = run_estimate(model, cfg, train_set, state.step, rank=info.rank,
+                                   world=info.world, sharded=sharded)[0]
+            summary["planned_peak_memory_bytes"] = planned.total
+            _write_json(out / "summary.json", summary)
+        except Exception as exc:  # a model the planner cannot size: the run still stands
+            log.debug("no plan for the summary: %s", exc)
         log.info("%s", compare_to_run(model, cfg, peak, train_set, state.step, rank=info.rank,
                                       world=info.world, sharded=sharded))
     dist.barrier(info)
