@@ -153,7 +153,7 @@ def plan_before_load(cfg: TrainConfig, train_set: list[Any], steps: int,
         log.info("plan: %s of the %s available on %s (%s)", fmt_bytes(planned),
                  fmt_bytes(budget), device.type, cfg.method)
         return cfg
-    parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in est.components().items() if v > 0)
+    parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in est.components().items() if v != 0)
     alternatives = _alternatives(arch, cfg, train_set, steps, device, rank, world, budget)
     advice = ("What the plan says would fit: " + "; ".join(alternatives) + "."
               if alternatives else "Nothing the plan tried fits (qlora, checkpointing, "
