@@ -14,7 +14,9 @@ quickstart: setup
 
 test: setup-test
 	$(PY) -m ruff check .
-	TUNELAB_REQUIRE_BROWSER=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
+	@# the suite must leave `git status` as it found it (empty on a clean clone)
+	TUNELAB_REQUIRE_BROWSER=1 bash scripts/tree-clean.sh \
+		$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 lint: setup-test
 	$(PY) -m ruff check .

@@ -6,7 +6,7 @@ to anything other than ``file:``, ``data:``, ``about:``, ``blob:``, ``127.0.0.1`
 ``localhost`` is recorded as external and aborted, so a test can assert a page is
 self-contained without it ever reaching the network.
 
-    result = render_page("runs/x/report.html", "test-artifacts/report.png")
+    result = render_page("runs/x/report.html", tmp_path / "report.png")
     assert not result.console_errors and not result.external_requests
     assert not is_blank_png(result.screenshot)
 """

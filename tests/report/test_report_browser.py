@@ -2,7 +2,8 @@
 
 Needs the ``playwright`` pip package and a system Chromium (``apt-get install -y chromium``).
 Without them the test is skipped, unless ``TUNELAB_REQUIRE_BROWSER=1`` (set in CI), where a
-missing browser is a failure. The screenshot is kept in ``test-artifacts/`` for inspection.
+missing browser is a failure. The screenshot is kept in the session's artifacts folder
+(tests/conftest.py) for inspection.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from types import ModuleType
 from tunelab.report import write_report
 
 TESTS = Path(__file__).resolve().parents[1]
-ARTIFACTS = TESTS.parent / "test-artifacts"
 
 
 def _load(name: str, path: Path) -> ModuleType:
@@ -62,11 +62,11 @@ def test_external_url_classification() -> None:
         assert not browser.is_external(url), url
 
 
-def test_report_renders_in_chromium(tmp_path: Path) -> None:
+def test_report_renders_in_chromium(tmp_path: Path, artifacts: Path) -> None:
     browser.require_browser()
     sample = _load("tunelab_tests_report_html", Path(__file__).with_name("test_report_html.py"))
     html_path, _ = write_report(tmp_path / "run", sample.sample_report())
-    result = browser.render_page(html_path, ARTIFACTS / "report.png")
+    result = browser.render_page(html_path, artifacts / "report.png")
     assert result.screenshot.is_file()
     assert not browser.is_blank_png(result.screenshot)
     assert result.console_errors == []

