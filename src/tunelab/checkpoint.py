@@ -109,16 +109,55 @@ def _full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharde
     return {k: v.contiguous() for k, v in weights.items() if k in names}, optim_sd
 
 
-def _rng_tensors() -> dict[str, torch.Tensor]:
-    out = {"rng.cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"rng.cuda.{i}"] = s
+def local_rng_state(device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """This process's generators: the CPU one, and its CUDA device's when it has one."""
+    out = {"cpu": torch.get_rng_state()}
+    if device is not None and device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(device)
     return out
 
 
-def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
-    if "rng.cpu" in tensors:
+def _rng_tensors(per_rank: list[dict[str, torch.Tensor]] | None) -> dict[str, torch.Tensor]:
+    """RNG states to save: one set per process (``rng.rank{r}.cpu``/``.cuda``).
+
+    Each process seeds its own generator (``seed + rank``: different dropout masks per
+    process) and draws from it at its own pace, so restoring rank 0's state everywhere would
+    give every other process the wrong masks after a resume. ``rng.cpu`` (and
+    ``rng.cuda.{i}`` for a one-process run) stay for readers of older checkpoints.
+    """
+    out = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and per_rank is None:
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng.cuda.{i}"] = s
+    for rank, states in enumerate(per_rank or [local_rng_state()]):
+        for kind, value in states.items():
+            out[f"rng.rank{rank}.{kind}"] = value.detach().cpu().contiguous()
+    if per_rank:
+        out["rng.cpu"] = out["rng.rank0.cpu"].clone()  # safetensors refuses shared memory
+    return out
+
+
+def saved_rng_ranks(tensors: dict[str, torch.Tensor]) -> int:
+    """How many processes' RNG states a checkpoint holds (0 for older checkpoints)."""
+    return len({k.split(".")[1] for k in tensors if k.startswith("rng.rank")})
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], rank: int,
+                 device: torch.device | None) -> None:
+    if f"rng.rank{rank}.cpu" in tensors:
+        torch.set_rng_state(tensors[f"rng.rank{rank}.cpu"])
+        cuda = tensors.get(f"rng.rank{rank}.cuda")
+        if cuda is not None and device is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(cuda, device)
+        return
+    if saved_rng_ranks(tensors):
+        # Resumed on more processes than wrote the checkpoint: this one has no saved stream
+        # and keeps the fresh one seeded by the training loop.
+        log.warning("the checkpoint holds the RNG state of %d process(es); process %d keeps "
+                    "its freshly seeded generator (dropout masks differ from an "
+                    "uninterrupted run)", saved_rng_ranks(tensors), rank)
+        return
+    if "rng.cpu" in tensors:  # an older checkpoint: one state for every process
         torch.set_rng_state(tensors["rng.cpu"])
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
@@ -133,8 +172,13 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     state: TrainState, keep: int, *, sharded: bool = False,
-                    write: bool = True) -> Path:
-    """Write a checkpoint; with ``sharded`` every process calls this, only ``write`` writes."""
+                    write: bool = True,
+                    rng: list[dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write a checkpoint; with ``sharded`` every process calls this, only ``write`` writes.
+
+    ``rng``: every process's generator states by rank (:func:`local_rng_state`, gathered by
+    the caller); without it, this process's own.
+    """
     root = checkpoint_root(out)
     final = root / f"step-{state.step:08d}"
     weights, optim_sd = _full_state(model, optimizer, sharded)
@@ -143,7 +187,7 @@ def save_checkpoint(out: Path, model: torch.nn.Module, optimizer: torch.optim.Op
     tensors, meta = _flatten_optimizer(optim_sd)
     with atomic_dir(final) as tmp:
         save_file(weights, str(tmp / "trainable.safetensors"))
-        save_file({**tensors, **_rng_tensors()}, str(tmp / "optimizer.safetensors"))
+        save_file({**tensors, **_rng_tensors(rng)}, str(tmp / "optimizer.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"train": asdict(state), "optimizer": meta},
                                                    indent=1))
     _write_latest(root, final.name)
@@ -177,8 +221,11 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    *, sharded: bool = False) -> TrainState:
+                    *, sharded: bool = False, rank: int = 0,
+                    device: torch.device | None = None) -> TrainState:
     """Restore weights, optimizer and RNG from a checkpoint; return its counters.
+
+    Process ``rank`` gets back the generator state that process ``rank`` saved.
 
     Checkpoints hold full tensors keyed by parameter name, so one written by N processes
     (replicated or sharded) loads into any number of processes.
@@ -201,5 +248,5 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             for name, value in weights.items():
                 params[name].copy_(value)
         optimizer.load_state_dict(_by_index(optim_sd, _trainable_names(model)))
-    _restore_rng(tensors)
+    _restore_rng(tensors, rank, device)
     return TrainState(**meta["train"])

@@ -76,6 +76,21 @@ def all_reduce_pair(a: float, b: float, info: DistInfo, device: torch.device
     return float(t[0]), float(t[1])
 
 
+def all_gather_tensors(local: dict[str, torch.Tensor], info: DistInfo, device: torch.device
+                       ) -> list[dict[str, torch.Tensor]]:
+    """Every process's ``local`` (same keys, shapes and dtypes on each), indexed by rank."""
+    if not info.enabled:
+        return [local]
+    out: list[dict[str, torch.Tensor]] = [{} for _ in range(info.world)]
+    for key in sorted(local):
+        mine = local[key].to(device)
+        parts = [torch.empty_like(mine) for _ in range(info.world)]
+        dist.all_gather(parts, mine)
+        for rank, part in enumerate(parts):
+            out[rank][key] = part.cpu()
+    return out
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

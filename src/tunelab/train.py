@@ -373,7 +373,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
     state = checkpoint.TrainState(extra={"global_batch": global_batch})
     resume_from = checkpoint.latest_checkpoint(out) if cfg.resume else None
     if resume_from is not None:
-        state = checkpoint.load_checkpoint(resume_from, model, optimizer, sharded=sharded)
+        state = checkpoint.load_checkpoint(resume_from, model, optimizer, sharded=sharded,
+                                           rank=info.rank, device=device)
         _check_resume_batch(state, global_batch, info)
         log.info("resumed from %s (step %d)", resume_from, state.step)
     elif cfg.resume:
@@ -545,10 +546,12 @@ def _save_checkpoint(out: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """Rank 0 writes; sharded state is gathered by everyone first. Nobody runs ahead."""
     device = trainable[0].device
     _check_finite(trainable, state.step, Path(cfg.out), info, device)
+    # every process's generators, so each gets its own dropout stream back on resume
+    rng = dist.all_gather_tensors(checkpoint.local_rng_state(device), info, device)
     if sharded or info.is_main:
         try:
             checkpoint.save_checkpoint(out, model, optimizer, state, cfg.keep_checkpoints,
-                                       sharded=sharded, write=info.is_main)
+                                       sharded=sharded, write=info.is_main, rng=rng)
         except (OSError, SafetensorError) as exc:  # safetensors wraps ENOSPC in its own type
             previous = checkpoint.latest_checkpoint(out)
             kept = f"{previous} is intact" if previous else "no earlier checkpoint exists"
