@@ -92,7 +92,7 @@ def test_two_process_resume_restores_each_ranks_rng_with_dropout(tiny_model_dir,
     _train(tiny_model_dir, qa_data, tmp_path / "ref", *drop, batch=2, steps=6, nproc=2)
     resumed, ref = torch.tensor(_losses(out)), torch.tensor(_losses(tmp_path / "ref"))
     assert len(resumed) == len(ref) == 6
-    # (checked: with rank 0's state restored on both processes, steps 4-6 differ by ~1e-2)
+    # (checked: with rank 0's state restored on both processes, steps 4-6 differ by up to 0.4)
     torch.testing.assert_close(resumed, ref, rtol=1e-6, atol=1e-7)
 
 

@@ -48,16 +48,26 @@ def checkpoint_root(out: Path) -> Path:
 
 
 def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer state keyed by parameter name: tensors for safetensors, the rest for JSON."""
+    """Optimizer state keyed by parameter name: tensors for safetensors, the rest for JSON.
+
+    Nested dicts (bitsandbytes' 8-bit optimizers keep their quantized state under
+    ``__bnb_optimizer_quant_state__``) become ``state/<param>/<key>/<subkey>``.
+    """
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
+
+    def put(name: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for sub, inner in value.items():
+                put(f"{name}/{sub}", inner)
+        elif isinstance(value, torch.Tensor):
+            tensors[name] = value.detach().cpu().contiguous()
+        else:
+            scalars[name] = value
+
     for param, slot in state_dict["state"].items():
         for key, value in slot.items():
-            name = f"state/{param}/{key}"  # parameter names hold dots, never slashes
-            if isinstance(value, torch.Tensor):
-                tensors[name] = value.detach().cpu().contiguous()
-            else:
-                scalars[name] = value
+            put(f"state/{param}/{key}", value)  # parameter names hold dots, never slashes
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
 
 
@@ -65,8 +75,11 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict[s
     state: dict[str, dict[str, Any]] = {}
     for name, value in list(tensors.items()) + list(meta["scalars"].items()):
         if name.startswith("state/"):
-            _, param, key = name.split("/", 2)
-            state.setdefault(param, {})[key] = value
+            _, param, *keys = name.split("/")
+            slot = state.setdefault(param, {})
+            for key in keys[:-1]:
+                slot = slot.setdefault(key, {})
+            slot[keys[-1]] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 

@@ -489,7 +489,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
     if info.is_main:
         summary = {**asdict(result), "out": str(out), "weights_dir": str(weights_dir),
                    "trainable_parameters": n_trainable, "total_parameters": n_total,
-                   "processes": info.world, "memory_parts": model_memory_parts(model, optimizer),
+                   "processes": info.world, "optimizer": type(optimizer).__name__,
+                   "memory_parts": model_memory_parts(model, optimizer),
                    "load_seconds": load_seconds, "load_peak_memory_bytes": load_peak,
                    "train_peak_memory_bytes": train_peak if train_peak_known else None,
                    "licence": {"id": licence.id, "category": licence.category,
