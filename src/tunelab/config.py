@@ -21,7 +21,7 @@ from tunelab.errors import ConfigError
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "method": ("lora", "full", "qlora"),
-    "format": ("auto", "text", "prompt_completion", "instruction", "chat"),
+    "format": ("auto", "text", "prompt_completion", "instruction", "chat", "sharegpt"),
     "train_on": ("completions", "all"),
     "overlength": ("truncate", "drop", "error"),
     "schedule": ("cosine", "linear", "constant"),
@@ -52,6 +52,8 @@ class TrainConfig:
     data: str = ""
     val_data: str | None = None
     val_fraction: float = 0.1
+    split: str = "train"  # the split of a `datasets` source (hf:NAME, a save_to_disk folder)
+    columns: str = ""  # rename source columns: "prompt=instruction,completion=output"
     format: str = "auto"
     train_on: str = "completions"
     max_length: int = 1024
@@ -182,6 +184,9 @@ def _check_value(key: str, value: Any) -> None:
 def _check_combination(cfg: TrainConfig) -> None:
     if not cfg.data:
         raise ConfigError("no training data: set 'data' (or --data FILE)")
+    from tunelab.data.sources import parse_columns
+
+    parse_columns(cfg.columns)  # a malformed mapping fails here, before any model loads
     if cfg.base_bits not in (4, 8, 16):
         raise ConfigError(f"config key 'base_bits' is {cfg.base_bits}; allowed: 4, 8, 16")
     if cfg.method == "full" and cfg.base_bits != 16:

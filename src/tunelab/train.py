@@ -144,13 +144,23 @@ def prepare_model(cfg: TrainConfig, device: torch.device | None = None
 
 def load_datasets(cfg: TrainConfig, tokenizer: Any
                   ) -> tuple[list[data.Example], list[data.Example], data.DataStats]:
-    records = data.read_records(cfg.data)
-    if cfg.val_data:
-        train_records, val_records = records, data.read_records(cfg.val_data)
-    else:
-        train_records, val_records = data.split_records(records, cfg.val_fraction, cfg.seed)
     kw = {"fmt": cfg.format, "max_length": cfg.max_length, "overlength": cfg.overlength,
           "train_on": cfg.train_on}
+    if data.sources.is_source(cfg.data):  # `datasets` folders and hub ids stream
+        train_set, val_set, stats = data.encode_source(
+            cfg.data, tokenizer, split=cfg.split, columns=cfg.columns,
+            val_fraction=0.0 if cfg.val_data else cfg.val_fraction, seed=cfg.seed, **kw)
+        if cfg.val_data:
+            val_set = data.encode_records(
+                data.read_records(cfg.val_data, split=cfg.split, columns=cfg.columns),
+                tokenizer, **kw)[0]
+        return train_set, val_set, stats
+    records = data.read_records(cfg.data, columns=cfg.columns)
+    if cfg.val_data:
+        train_records, val_records = records, data.read_records(
+            cfg.val_data, split=cfg.split, columns=cfg.columns)
+    else:
+        train_records, val_records = data.split_records(records, cfg.val_fraction, cfg.seed)
     train_set, stats = data.encode_records(train_records, tokenizer, **kw)
     val_set = data.encode_records(val_records, tokenizer, **kw)[0] if val_records else []
     return train_set, val_set, stats

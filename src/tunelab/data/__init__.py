@@ -6,7 +6,13 @@ Formats, detected per record from its fields (or forced with ``format``):
 * ``text``: ``{"text": "..."}`` -- every token is a target;
 * ``prompt_completion``: ``{"prompt": "...", "completion": "..."}``;
 * ``instruction`` (alpaca): ``{"instruction": "...", "input": "...", "output": "..."}``;
-* ``chat``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}``.
+* ``chat``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}``;
+* ``sharegpt``: ``{"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}, ...]}``
+  (human -> user, gpt -> assistant).
+
+Besides files, ``data`` can name a `datasets` source (a ``save_to_disk`` folder, a folder of
+parquet/arrow shards, ``hf:ORG/NAME``): see :mod:`tunelab.data.sources`. Those are streamed
+(:func:`encode_source`): rows are tokenized as they are read and only the examples are kept.
 
 Prompt/completion and instruction records become a one-turn chat, so a chat model sees
 the same template in training as in ``tunelab generate``. With ``train_on: completions``
@@ -27,16 +33,20 @@ from typing import Any
 
 import torch
 
+from tunelab.data import sources
 from tunelab.errors import DataError
 
 IGNORE_INDEX = -100
-FORMATS = ("text", "prompt_completion", "instruction", "chat")
+FORMATS = ("text", "prompt_completion", "instruction", "chat", "sharegpt")
 ROLES = ("system", "user", "assistant")
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant"}
 MAX_LINE_BYTES = 16 * 1024 * 1024  # a single record over 16 MiB is almost surely a broken file
 
 _FORMAT_KEYS = {
     "chat": ("messages",),
+    "sharegpt": ("conversations",),
     "instruction": ("instruction", "output"),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
@@ -85,9 +95,26 @@ class DataStats:
 # ----------------------------------------------------------------------------- reading
 
 
-def read_records(path: str | Path) -> list[Record]:
-    """Read every record of a data file; raise ``DataError`` naming file and line on bad input."""
-    path = Path(path)
+def read_records(path: str | Path, *, split: str = "train",
+                 columns: str | dict[str, str] | None = None) -> list[Record]:
+    """Read every record of a data file or `datasets` source (:mod:`tunelab.data.sources`);
+    raise ``DataError`` naming file and line on bad input. ``columns`` renames fields
+    (``"prompt=instruction"``: the ``instruction`` field is read as ``prompt``)."""
+    mapping = sources.parse_columns(columns)
+    if sources.is_source(path):
+        records = [Record(r.data, r.where, r.index)
+                   for r in sources.iter_rows(path, split, mapping)]
+        if not records:
+            raise DataError("the source holds no examples", path=str(path))
+        return records
+    records = _read_file(Path(path))
+    if mapping:
+        rows = (sources.Row(r.data, r.path, r.line) for r in records)
+        records = [Record(sources.rename(r.data, mapping, r), r.where, r.index) for r in rows]
+    return records
+
+
+def _read_file(path: Path) -> list[Record]:
     if not path.is_file():
         raise DataError("file not found", path=str(path))
     suffix = path.suffix.lower()
@@ -203,7 +230,9 @@ def detect_format(record: Record) -> str:
     keys = ", ".join(sorted(record.data)) or "none"
     raise DataError(f"cannot tell the format from the fields ({keys}); expected one of: "
                     "'text'; 'prompt'+'completion'; 'instruction'(+'input')+'output'; "
-                    "'messages'", path=record.path, line=record.line)
+                    "'messages'; 'conversations' (ShareGPT). Map other column names with "
+                    "columns: prompt=COLUMN,completion=COLUMN", path=record.path,
+                    line=record.line)
 
 
 def resolve_format(records: Sequence[Record], forced: str = "auto") -> str:
@@ -249,6 +278,8 @@ def to_messages(record: Record, fmt: str) -> list[dict[str, str]] | None:
             prompt = f"{prompt}\n\n{extra}"
         return [{"role": "user", "content": prompt},
                 {"role": "assistant", "content": _text_field(record, "output")}]
+    if fmt == "sharegpt":
+        return _check_turns(record, _sharegpt_messages(record), "conversations")
     messages = record.data.get("messages")
     if not isinstance(messages, list) or not messages:
         raise DataError("expected a non-empty list of {role, content} messages",
@@ -267,14 +298,41 @@ def to_messages(record: Record, fmt: str) -> list[dict[str, str]] | None:
             raise DataError(f"content must be a string, got {type(content).__name__}",
                             path=record.path, line=record.line, field=f"{where}.content")
         out.append({"role": role, "content": content})
+    return _check_turns(record, out, "messages")
+
+
+def _sharegpt_messages(record: Record) -> list[dict[str, str]]:
+    turns = record.data.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise DataError("expected a non-empty list of {from, value} turns", path=record.path,
+                        line=record.line, field="conversations")
+    out = []
+    for i, turn in enumerate(turns):
+        where = f"conversations[{i}]"
+        if not isinstance(turn, dict):
+            raise DataError("expected an object with 'from' and 'value'", path=record.path,
+                            line=record.line, field=where)
+        speaker, value = turn.get("from"), turn.get("value")
+        if speaker not in SHAREGPT_ROLES:
+            raise DataError(f"unknown speaker {speaker!r}; allowed: system, human, gpt",
+                            path=record.path, line=record.line, field=f"{where}.from")
+        if not isinstance(value, str):
+            raise DataError(f"value must be a string, got {type(value).__name__}",
+                            path=record.path, line=record.line, field=f"{where}.value")
+        out.append({"role": SHAREGPT_ROLES[speaker], "content": value})
+    return out
+
+
+def _check_turns(record: Record, out: list[dict[str, str]], name: str
+                 ) -> list[dict[str, str]]:
     if not any(m["role"] == "assistant" for m in out):
         raise DataError("conversation has no assistant turn, so nothing to learn from",
-                        path=record.path, line=record.line, field="messages")
+                        path=record.path, line=record.line, field=name)
     if out[0]["role"] == "assistant":
         # Chat templates render the reply header only as part of a generation prompt, which
         # needs a turn before it: there is no prompt to learn the reply from.
         raise DataError("conversation starts with an assistant turn; put a user (or system) "
-                        "turn first", path=record.path, line=record.line, field="messages[0]")
+                        "turn first", path=record.path, line=record.line, field=f"{name}[0]")
     return out
 
 
@@ -325,7 +383,7 @@ def encode_record(record: Record, fmt: str, tokenizer: Any, *, train_on: str = "
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
     else:
         # No template (a base model): prompt and completion are concatenated, eos appended.
-        if len(messages) != 2 and fmt == "chat":
+        if len(messages) != 2 and fmt in ("chat", "sharegpt"):
             raise DataError("the tokenizer has no chat template, so chat data cannot be "
                             "rendered; use a chat model or prompt/completion data",
                             path=record.path, line=record.line, field="messages")
@@ -374,6 +432,111 @@ def encode_records(records: Sequence[Record], tokenizer: Any, *, fmt: str = "aut
                         f"({stats.n_dropped} dropped); raise max_length",
                         path=records[0].path)
     return examples, stats
+
+
+STREAM_CHUNK = 1024  # records tokenized per call: plain text goes to the tokenizer in one batch
+
+
+def encode_source(spec: str | Path, tokenizer: Any, *, split: str = "train",
+                  columns: str | dict[str, str] | None = None, val_fraction: float = 0.0,
+                  seed: int = 0, fmt: str = "auto", max_length: int = 1024,
+                  overlength: str = "truncate", train_on: str = "completions"
+                  ) -> tuple[list[Example], list[Example], DataStats]:
+    """Stream a `datasets` source into train and validation examples.
+
+    Rows are read one Arrow batch at a time and tokenized in chunks of ``STREAM_CHUNK``; a
+    record is dropped as soon as it is tokenized, so the peak memory is the examples plus one
+    chunk of records, never every record and every example at once. The validation rows are
+    ``round(n * val_fraction)`` row indices drawn with ``seed`` (n from the source's metadata).
+    """
+    import numpy as np
+
+    mapping = sources.parse_columns(columns)
+    forced = fmt
+    n = sources.count_rows(spec, split)
+    if n == 0:
+        raise DataError("the source holds no examples", path=str(spec))
+    val_rows: set[int] = set()
+    if val_fraction > 0 and n >= 2:
+        n_val = min(n - 1, max(1, round(n * val_fraction)))
+        picked = np.random.default_rng(seed).choice(n, size=n_val, replace=False)
+        val_rows = {int(i) + 1 for i in picked}  # 1-based positions
+    stats = DataStats(max_length=max_length)
+    train: list[Example] = []
+    val: list[Example] = []
+    first: Record | None = None
+    chunk: list[tuple[Record, bool]] = []
+    for position, row in enumerate(sources.iter_rows(spec, split, mapping), start=1):
+        record = Record(row.data, row.where, row.index)  # errors name the shard and its row
+        if first is None:
+            first = record
+            fmt = detect_format(record) if fmt == "auto" else fmt
+        elif (forced == "auto" and not all(k in record.data for k in _FORMAT_KEYS[fmt])
+              and (found := detect_format(record)) != fmt):
+            raise DataError(f"mixed formats in one source: this record is '{found}' but the "
+                            f"first one ({first.path} row {first.line}) is '{fmt}'; use one "
+                            "format per source", path=record.path, line=record.line)
+        # the validation split is by position in the whole source (rows of every shard)
+        chunk.append((record, position in val_rows))
+        stats.n_records += 1
+        if len(chunk) >= STREAM_CHUNK:
+            _flush_marked(chunk, fmt, tokenizer, train_on, stats, max_length, overlength,
+                          train, val)
+    _flush_marked(chunk, fmt, tokenizer, train_on, stats, max_length, overlength, train, val)
+    if not train:
+        raise DataError(f"no example is left after applying max_length {max_length} "
+                        f"({stats.n_dropped} dropped); raise max_length", path=str(spec))
+    return train, val, stats
+
+
+def _flush_marked(chunk: list[tuple[Record, bool]], fmt: str, tokenizer: Any, train_on: str,
+                  stats: DataStats, max_length: int, overlength: str, train: list[Example],
+                  val: list[Example]) -> None:
+    records = [r for r, _ in chunk]
+    for (record, is_val), ex in zip(chunk, _encode_chunk(records, fmt, tokenizer, train_on),
+                                    strict=True):
+        kept = _fit(ex, record, stats, max_length, overlength)
+        if kept is not None:
+            (val if is_val else train).append(kept)
+    chunk.clear()
+
+
+def _encode_chunk(records: list[Record], fmt: str, tokenizer: Any, train_on: str
+                  ) -> list[Example]:
+    if fmt != "text" or not records:
+        return [encode_record(r, fmt, tokenizer, train_on=train_on) for r in records]
+    texts = [_text_field(r, "text") for r in records]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # the Rust tokenizer itself: same ids, no per-row Python wrapper
+        batches = (e.ids for e in backend.encode_batch(texts, add_special_tokens=True))
+    else:
+        batches = iter(tokenizer(texts, add_special_tokens=True)["input_ids"])
+    # every token of plain text is a target: labels can be the same (never mutated) list
+    return [Example(full, full) for full in (list(ids) + eos for ids in batches)]
+
+
+def _fit(ex: Example, record: Record, stats: DataStats, max_length: int, overlength: str
+         ) -> Example | None:
+    """Apply max_length to one example and count it (the rule of :func:`encode_records`)."""
+    stats.lengths.append(len(ex.input_ids))
+    if len(ex.input_ids) > max_length:
+        if overlength == "error":
+            raise DataError(f"example is {len(ex.input_ids)} tokens, over max_length "
+                            f"{max_length}; raise max_length or set overlength: truncate",
+                            path=record.path, line=record.line)
+        if overlength == "drop":
+            stats.n_dropped += 1
+            return None
+        ex = Example(ex.input_ids[:max_length], ex.labels[:max_length])
+        stats.n_truncated += 1
+    n_targets = len(ex.labels) if ex.labels is ex.input_ids else ex.n_targets
+    if n_targets == 0:
+        stats.n_dropped += 1
+        return None
+    stats.n_tokens += len(ex.input_ids)
+    stats.n_target_tokens += n_targets
+    return ex
 
 
 def split_records(records: list[Record], val_fraction: float, seed: int
