@@ -30,7 +30,7 @@ TRAIN_FLAGS: dict[str, tuple[str, type]] = {
     "--save-every": ("save_every", int), "--eval-every": ("eval_every", int),
     "--seed": ("seed", int), "--lora-r": ("lora_r", int), "--format": ("format", str),
     "--device": ("device", str), "--dtype": ("dtype", str), "--base-bits": ("base_bits", int),
-    "--split": ("split", str), "--columns": ("columns", str),
+    "--split": ("split", str), "--columns": ("columns", str), "--report-to": ("report_to", str),
 }
 
 

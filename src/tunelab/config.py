@@ -54,6 +54,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     split: str = "train"  # the split of a `datasets` source (hf:NAME, a save_to_disk folder)
     columns: str = ""  # rename source columns: "prompt=instruction,completion=output"
+    report_to: str = ""  # experiment trackers: "tensorboard,mlflow,wandb" (tunelab.trackers)
     format: str = "auto"
     train_on: str = "completions"
     max_length: int = 1024
@@ -187,6 +188,9 @@ def _check_combination(cfg: TrainConfig) -> None:
     from tunelab.data.sources import parse_columns
 
     parse_columns(cfg.columns)  # a malformed mapping fails here, before any model loads
+    from tunelab.trackers import check_installed, parse_report_to
+
+    check_installed(parse_report_to(cfg.report_to))  # a missing library: one error line
     if cfg.base_bits not in (4, 8, 16):
         raise ConfigError(f"config key 'base_bits' is {cfg.base_bits}; allowed: 4, 8, 16")
     if cfg.method == "full" and cfg.base_bits != 16:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from tunelab import adapters, checkpoint, data, models, preflight
+from tunelab import adapters, checkpoint, data, models, preflight, trackers
 from tunelab import distributed as dist
 from tunelab.config import TrainConfig, save_config
 from tunelab.errors import ConfigError, TunelabError
@@ -391,9 +391,11 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
         log.warning("--resume: no checkpoint in %s, starting from scratch", out)
     dist.barrier(info)  # nobody writes before every process has read the checkpoint
     metrics_log = None
+    tracker = trackers.Trackers([], out, {})
     if info.is_main:
         save_config(cfg, out / "run_config.json")
         metrics_log = MetricsLog(out / "metrics.jsonl", state.step if resume_from else 0)
+        tracker = trackers.Trackers(trackers.parse_report_to(cfg.report_to), out, asdict(cfg))
 
     stop_requested = {"flag": False}
 
@@ -456,6 +458,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
                     state.evals_without_improvement += 1
             if metrics_log is not None:
                 metrics_log.write(record)
+            tracker.log(state.step, record)
             elapsed = time.perf_counter() - window_start
             bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{window_tokens / elapsed:.0f}",
                             **({"val": f"{last_val_loss:.4f}"} if last_val_loss else {}))
@@ -526,7 +529,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
     dist.barrier(info)
     dist.shutdown(info)
     from tunelab.report.run import write_run_report
-    write_run_report(out)
+    report = write_run_report(out)
+    if info.is_main:
+        tracker.finish(summary, [p for p in (report, out / "report.json", out / "summary.json")
+                                 if p is not None])
     return result
 
 
