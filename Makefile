@@ -15,7 +15,7 @@ quickstart: setup
 test: setup-test
 	$(PY) -m ruff check .
 	@# the suite must leave `git status` as it found it (empty on a clean clone)
-	TUNELAB_REQUIRE_BROWSER=1 bash scripts/tree-clean.sh \
+	TUNELAB_REQUIRE_BROWSER=1 TUNELAB_REQUIRE_LLAMA_CPP=1 bash scripts/tree-clean.sh \
 		$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 lint: setup-test

@@ -62,4 +62,18 @@ if [ "$MODE" = "test" ]; then
     fi
   fi
 fi
+if [ "$MODE" = "test" ]; then
+  # llama.cpp for the GGUF check (tests/test_llama_cpp.py): node-llama-cpp ships prebuilt CPU
+  # binaries, so nothing is compiled. Into .node/ (git-ignored), pinned.
+  if command -v npm >/dev/null 2>&1; then
+    if [ ! -f .node/node_modules/node-llama-cpp/package.json ] \
+        || ! grep -q '"version": "3.21.1"' .node/node_modules/node-llama-cpp/package.json; then
+      echo "setup: installing node-llama-cpp 3.21.1 into .node/ for the llama.cpp check"
+      mkdir -p .node
+      (cd .node && npm i -E --no-audit --no-fund --loglevel=error node-llama-cpp@3.21.1 >/dev/null)
+    fi
+  else
+    echo "setup: install Node.js 20+ and npm (e.g. apt-get install nodejs npm) for the llama.cpp check" >&2
+  fi
+fi
 echo "$want" > "$stamp"
