@@ -114,14 +114,17 @@ def train_run(model: Path, method: str, data: Path, work: Path, args: argparse.N
     from train_throughput import step_flops
 
     out = work / f"{model.name}-{method}"
-    shutil.rmtree(out, ignore_errors=True)
+    reuse = args.reuse and (out / "summary.json").is_file()
+    if not reuse:
+        shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "tunelab", "train", "--model", str(model), "--data", str(data),
            "--method", method, "--out", str(out), "--max-steps", str(args.steps),
            "--batch-size", "1", "--max-length", str(args.seq), "--device", "cpu",
            "--no-progress", "val_fraction=0", "grad_ckpt=true", "lora_r=16", "lora_alpha=32",
            "format=text"]
     peak_before = matmul_peak()
-    wall, _ = timed(cmd, work / f"{model.name}-{method}.log")
+    # --reuse: the figures of a finished run in --work (its matmul peak is measured now)
+    wall = None if reuse else timed(cmd, work / f"{model.name}-{method}.log")[0]
     peak_after = matmul_peak()
     summary = json.loads((out / "summary.json").read_text())
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -136,6 +139,7 @@ def train_run(model: Path, method: str, data: Path, work: Path, args: argparse.N
     planned = summary.get("planned_peak_memory_bytes")
     row = {
         "shape": model.name, "method": method, "seq": args.seq, "steps": len(steps),
+        "reused_run": reuse,
         "wall_seconds": wall, "load_seconds": summary["load_seconds"],
         "load_peak_rss": summary["load_peak_memory_bytes"],
         "train_peak_rss": summary["train_peak_memory_bytes"], "peak_rss": measured,
@@ -207,6 +211,8 @@ def main() -> None:
     parser.add_argument("--workflow", action="store_true",
                         help="also generate and merge with each QLoRA adapter")
     parser.add_argument("--json", type=Path, default=RESULTS)
+    parser.add_argument("--reuse", action="store_true",
+                        help="take a finished run in --work instead of training again")
     args = parser.parse_args()
     from tunelab.plan import get_arch
 
