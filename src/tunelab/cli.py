@@ -30,6 +30,8 @@ TRAIN_FLAGS: dict[str, tuple[str, type]] = {
     "--save-every": ("save_every", int), "--eval-every": ("eval_every", int),
     "--seed": ("seed", int), "--lora-r": ("lora_r", int), "--format": ("format", str),
     "--device": ("device", str), "--dtype": ("dtype", str), "--base-bits": ("base_bits", int),
+    "--objective": ("objective", str), "--beta": ("beta", float),
+    "--init-adapter": ("init_adapter", str),
 }
 
 
