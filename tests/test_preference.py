@@ -272,3 +272,13 @@ def test_plan_accounts_for_the_dpo_reference():
     assert any("objective dpo" in line for line in dpo.assumptions)
     with pytest.raises(ConfigError, match="unknown objective"):
         build_plan("smollm2-135m", objective="kto", **kw)
+
+
+def test_training_form_takes_the_objective_and_beta():
+    from tunelab.ui.forms import FieldError, train_config
+
+    cfg = train_config({"data": "pairs.jsonl", "objective": "dpo", "beta": "0.2"})
+    assert (cfg.objective, cfg.beta) == ("dpo", 0.2)
+    with pytest.raises(FieldError) as err:
+        train_config({"data": "pairs.jsonl", "objective": "kto"})
+    assert err.value.errors[0]["field"] == "objective"
