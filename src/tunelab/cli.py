@@ -31,6 +31,8 @@ TRAIN_FLAGS: dict[str, tuple[str, type]] = {
     "--seed": ("seed", int), "--lora-r": ("lora_r", int), "--format": ("format", str),
     "--device": ("device", str), "--dtype": ("dtype", str), "--base-bits": ("base_bits", int),
     "--split": ("split", str), "--columns": ("columns", str), "--report-to": ("report_to", str),
+    "--objective": ("objective", str), "--beta": ("beta", float),
+    "--init-adapter": ("init_adapter", str),
 }
 
 

@@ -30,6 +30,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw"),
     "quant_type": ("nf4", "fp4"),
     "parallel": ("auto", "ddp", "fsdp"),
+    "objective": ("sft", "dpo", "orpo"),
+    "dpo_loss": ("sigmoid", "ipo", "hinge"),
 }
 # (low, high, inclusive-low) for numeric keys.
 RANGES: dict[str, tuple[float, float | None]] = {
@@ -40,6 +42,7 @@ RANGES: dict[str, tuple[float, float | None]] = {
     "keep_checkpoints": (1, None), "val_fraction": (0.0, 0.9), "lora_r": (1, None),
     "lora_alpha": (0.0, None), "lora_dropout": (0.0, 1.0), "early_stopping_patience": (0, None),
     "log_every": (1, None), "eval_batch_size": (1, None), "base_bits": (4, 16),
+    "beta": (0.0, None), "label_smoothing": (0.0, 0.5),
 }
 
 
@@ -60,6 +63,15 @@ class TrainConfig:
     max_length: int = 1024
     overlength: str = "truncate"
     out: str = "runs/latest"
+    # objective: sft, or preference tuning on {prompt, chosen, rejected} data
+    objective: str = "sft"
+    beta: float = 0.1  # DPO: strength of the pull towards the reference; ORPO: odds-ratio weight
+    dpo_loss: str = "sigmoid"  # sigmoid (DPO), ipo, hinge
+    label_smoothing: float = 0.0  # DPO sigmoid: assumed share of flipped preference labels
+    # reference log-probs computed once before training instead of on the fly (always so
+    # for full fine-tuning and when starting from init_adapter)
+    precompute_ref: bool = False
+    init_adapter: str | None = None  # start from this (SFT) adapter; DPO's reference too
     # method
     method: str = "lora"
     lora_r: int = 16
@@ -212,6 +224,17 @@ def _check_combination(cfg: TrainConfig) -> None:
     if cfg.parallel == "fsdp" and cfg.base_bits != 16:
         raise ConfigError("parallel: fsdp shards an unquantized base; with a quantized base "
                           "use parallel: ddp (the 4-bit weights are small to replicate)")
+    if cfg.objective in ("dpo", "orpo") and cfg.beta <= 0:
+        raise ConfigError(f"config key 'beta' is {cfg.beta}; it must be > 0 for "
+                          f"objective: {cfg.objective}")
+    if cfg.label_smoothing and not (cfg.objective == "dpo" and cfg.dpo_loss == "sigmoid"):
+        raise ConfigError("label_smoothing applies to objective: dpo with dpo_loss: sigmoid")
+    if cfg.init_adapter and cfg.method == "full":
+        raise ConfigError("init_adapter starts LoRA training from an adapter; with method: "
+                          "full, point 'model' at a merged model instead")
+    if cfg.init_adapter and not Path(cfg.init_adapter).is_dir():
+        raise ConfigError(f"init_adapter: {cfg.init_adapter} is not a folder; give the adapter "
+                          "folder (OUT/adapter of an SFT run) or the run folder")
     if cfg.use_dora and cfg.method == "full":
         raise ConfigError("use_dora is a LoRA option; it has no meaning with method: full")
 

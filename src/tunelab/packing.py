@@ -33,6 +33,10 @@ from tunelab.data import IGNORE_INDEX, Example
 
 ATTENTION_NAME = "tunelab_packed_sdpa"
 BOUNDS_KEY = "tunelab_seq_bounds"  # forward kwarg: a host tensor [0, end_1, ..., end_B]
+# forward kwarg of a preference row (tunelab.objectives.pairs): host tensor [pairs, 3] of
+# (prompt, chosen, rejected) lengths
+PAIR_KEY = "tunelab_pair_lengths"
+HOST_KEYS = (BOUNDS_KEY, PAIR_KEY)  # batch entries that stay on the host
 
 
 def collate_packed(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
@@ -61,6 +65,9 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     ``[1, T, heads, d]`` as transformers' attention functions do.
     """
     bounds = kwargs.pop(BOUNDS_KEY, None)
+    pairs = kwargs.pop(PAIR_KEY, None)
+    if pairs is not None:
+        return pair_attention(module, query, key, value, pairs, dropout, scaling), None
     if bounds is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -78,6 +85,37 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     ]
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     return out.transpose(1, 2).contiguous(), None
+
+
+def pair_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                   value: torch.Tensor, pairs: torch.Tensor, dropout: float = 0.0,
+                   scaling: float | None = None) -> torch.Tensor:
+    """Attention of preference rows ``[prompt | chosen | rejected]``, one per pair.
+
+    ``prompt + chosen`` is causal as one sequence; each rejected query sees the whole prompt
+    and the rejected tokens up to itself, never the chosen answer: the same attention each
+    answer would get in a row of its own, with the prompt computed once. Returns
+    ``[1, T, heads, d]``.
+    """
+    gqa = query.shape[1] != key.shape[1]
+    drop = dropout if module.training else 0.0
+    lengths = [n for p, c, r in pairs.tolist() for n in (p + c, r)]
+    outputs = []
+    qs, ks, vs = (t.split(lengths, dim=2) for t in (query, key, value))
+    for i, (p, _, r) in enumerate(pairs.tolist()):
+        outputs.append(F.scaled_dot_product_attention(
+            qs[2 * i], ks[2 * i], vs[2 * i], dropout_p=drop, is_causal=True, scale=scaling,
+            enable_gqa=gqa))
+        if r:
+            k = torch.cat([ks[2 * i][:, :, :p], ks[2 * i + 1]], dim=2)
+            v = torch.cat([vs[2 * i][:, :, :p], vs[2 * i + 1]], dim=2)
+            mask = torch.ones(r, p + r, dtype=torch.bool, device=query.device)
+            mask[:, p:] = torch.ones(r, r, dtype=torch.bool, device=query.device).tril()
+            outputs.append(F.scaled_dot_product_attention(
+                qs[2 * i + 1], k, v, attn_mask=mask, dropout_p=drop, scale=scaling,
+                enable_gqa=gqa))
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+    return out.transpose(1, 2).contiguous()
 
 
 def use_packed_attention(model: torch.nn.Module) -> None:

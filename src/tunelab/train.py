@@ -28,14 +28,14 @@ import os
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 
-from tunelab import adapters, checkpoint, data, models, preflight, trackers
+from tunelab import adapters, checkpoint, data, models, preference, preflight, trackers
 from tunelab import distributed as dist
 from tunelab.config import TrainConfig, save_config
 from tunelab.errors import ConfigError, TunelabError
@@ -47,7 +47,9 @@ from tunelab.memory import (
     peak_memory_bytes,
     reset_peak_memory,
 )
-from tunelab.packing import BOUNDS_KEY, collate_packed, supports_packing, use_packed_attention
+from tunelab.objectives import PREFERENCE, build_objective
+from tunelab.objectives.pairs import collate_pairs
+from tunelab.packing import HOST_KEYS, collate_packed, supports_packing, use_packed_attention
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +138,8 @@ def prepare_model(cfg: TrainConfig, device: torch.device | None = None
         for p in model.parameters():
             p.requires_grad_(True)
         return model, tokenizer
+    if cfg.init_adapter:  # continue training an (SFT) adapter: its rank and targets hold
+        return adapters.load_adapter(model, cfg.init_adapter, trainable=True), tokenizer
     model = adapters.attach_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha,
                                  dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
                                  use_rslora=cfg.use_rslora, use_dora=cfg.use_dora)
@@ -143,10 +147,13 @@ def prepare_model(cfg: TrainConfig, device: torch.device | None = None
 
 
 def load_datasets(cfg: TrainConfig, tokenizer: Any
-                  ) -> tuple[list[data.Example], list[data.Example], data.DataStats]:
+                  ) -> tuple[list[Any], list[Any], data.DataStats]:
+    """Train and validation examples: ``data.Example`` for SFT, ``PreferenceExample`` for
+    the preference objectives."""
     kw = {"fmt": cfg.format, "max_length": cfg.max_length, "overlength": cfg.overlength,
           "train_on": cfg.train_on}
-    if data.sources.is_source(cfg.data):  # `datasets` folders and hub ids stream
+    if data.sources.is_source(cfg.data) and cfg.objective not in PREFERENCE:
+        # `datasets` folders and hub ids stream
         train_set, val_set, stats = data.encode_source(
             cfg.data, tokenizer, split=cfg.split, columns=cfg.columns,
             val_fraction=0.0 if cfg.val_data else cfg.val_fraction, seed=cfg.seed, **kw)
@@ -156,11 +163,27 @@ def load_datasets(cfg: TrainConfig, tokenizer: Any
                 tokenizer, **kw)[0]
         return train_set, val_set, stats
     records = data.read_records(cfg.data, columns=cfg.columns)
+    pairs = preference.is_preference(records)
+    if pairs and cfg.objective not in PREFERENCE:
+        raise ConfigError(f"{cfg.data} holds preference pairs (chosen/rejected); train on them "
+                          "with objective: dpo or orpo (--objective dpo)")
+    if cfg.objective in PREFERENCE and not pairs:
+        raise data.DataError(f"objective: {cfg.objective} needs preference records "
+                             "{\"prompt\", \"chosen\", \"rejected\"} (or chosen/rejected "
+                             "conversations); the first record has the fields "
+                             f"{', '.join(sorted(records[0].data)) or 'none'}",
+                             path=cfg.data, line=records[0].line)
     if cfg.val_data:
         train_records, val_records = records, data.read_records(
             cfg.val_data, split=cfg.split, columns=cfg.columns)
     else:
         train_records, val_records = data.split_records(records, cfg.val_fraction, cfg.seed)
+    if pairs:
+        pkw = {"max_length": cfg.max_length, "overlength": cfg.overlength}
+        train_set, stats = preference.encode_pairs(train_records, tokenizer, **pkw)
+        val_set = (preference.encode_pairs(val_records, tokenizer, **pkw)[0]
+                   if val_records else [])
+        return train_set, val_set, stats
     train_set, stats = data.encode_records(train_records, tokenizer, **kw)
     val_set = data.encode_records(val_records, tokenizer, **kw)[0] if val_records else []
     return train_set, val_set, stats
@@ -168,7 +191,7 @@ def load_datasets(cfg: TrainConfig, tokenizer: Any
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     # packing bounds stay on the host: attention slices by them in every layer
-    return {k: v if k == BOUNDS_KEY else v.to(device, non_blocking=True)
+    return {k: v if k in HOST_KEYS else v.to(device, non_blocking=True)
             for k, v in batch.items()}
 
 
@@ -265,36 +288,64 @@ def save_weights(model: torch.nn.Module, tokenizer: Any, cfg: TrainConfig, folde
 
 @dataclass
 class StepResult:
-    loss: float  # mean loss per target token over the whole step (all micro-batches, ranks)
+    loss: float  # the objective's mean loss over the whole step (all micro-batches, ranks)
     tokens: int  # non-padding tokens this process saw
-    targets: int  # target tokens of the whole step
+    targets: int  # units of the step the metrics average over (target tokens, or pairs)
+    metrics: dict[str, float] = field(default_factory=dict)  # the objective's, step means
+
+
+def _step_totals(objective: torch.nn.Module, micro: list[dict[str, torch.Tensor]],
+                 info: dist.DistInfo, device: torch.device) -> dict[str, float]:
+    """Each loss unit's count over the step: every micro-batch, every process."""
+    local: dict[str, int] = {}
+    for batch in micro:
+        for unit, n in objective.counts(batch).items():
+            local[unit] = local.get(unit, 0) + n
+    return {unit: max(1.0, dist.all_reduce_sum(n, info, device)) for unit, n in local.items()}
 
 
 def train_step(step_fn: torch.nn.Module, micro: list[dict[str, torch.Tensor]],
-               device: torch.device, info: dist.DistInfo) -> StepResult:
+               device: torch.device, info: dist.DistInfo,
+               objective: torch.nn.Module | None = None) -> StepResult:
     """Forward and backward over one optimizer step's micro-batches (gradients accumulate).
 
-    Each micro-batch's summed loss is divided by N, the number of target tokens of the step
-    on all processes, so the accumulated gradient is that of the mean over every target
-    token. DDP averages gradients over the W processes, hence the factor W.
+    The objective returns each micro-batch's loss as sums per unit (target tokens, pairs);
+    each sum is divided by N_unit, that unit's count over the step on all processes, so the
+    accumulated gradient is that of the step's mean, however it is split. DDP averages
+    gradients over the W processes, hence the factor W.
     """
-    local_targets = sum(int((b["labels"][:, 1:] != data.IGNORE_INDEX).sum()) for b in micro)
-    n_targets = max(1.0, dist.all_reduce_sum(local_targets, info, device))
+    objective = objective if objective is not None else step_fn
+    totals = _step_totals(objective, micro, info, device)
     loss_total = 0.0
+    metric_sums: dict[str, float] = {}
     for i, batch in enumerate(micro):
         # DDP syncs gradients on the last micro-batch only.
         last = i == len(micro) - 1
         sync = step_fn.no_sync() if hasattr(step_fn, "no_sync") and not last else nullcontext()
         with sync:
-            loss_sum, _ = step_fn(**to_device(batch, device))
-            (loss_sum * (info.world / n_targets)).backward()
-        loss_total += float(loss_sum.detach())
+            parts, metrics = step_fn(**to_device(batch, device))
+            loss = sum(parts[unit] / totals[unit] for unit in parts)
+            (loss * info.world).backward()
+        loss_total += float(loss.detach())
+        for name, value in metrics.items():
+            metric_sums[name] = metric_sums.get(name, 0.0) + float(value)
     loss_total = dist.all_reduce_sum(loss_total, info, device)
+    unit = objective.metric_unit
+    means = {name: dist.all_reduce_sum(value, info, device) / totals[unit]
+             for name, value in sorted(metric_sums.items())}
     tokens = sum(data.batch_tokens(b) for b in micro)
-    return StepResult(loss_total / n_targets, tokens, int(n_targets))
+    return StepResult(loss_total, tokens, int(totals[unit]), means)
 
 
-def step_batches(train_set: list[data.Example], schedule: data.BatchSchedule, step: int,
+def collate_for(cfg: TrainConfig, examples: list[Any], pad_id: int
+                ) -> dict[str, torch.Tensor]:
+    """The micro-batch layout of the run: pair rows, one packed row, or padded rows."""
+    if cfg.objective in PREFERENCE:
+        return collate_pairs(examples)
+    return collate_packed(examples) if cfg.packing else data.collate(examples, pad_id)
+
+
+def step_batches(train_set: list[Any], schedule: data.BatchSchedule, step: int,
                  cfg: TrainConfig, pad_id: int, info: dist.DistInfo
                  ) -> list[dict[str, torch.Tensor]]:
     """This process's share of step ``step``: its slice of each global micro-batch."""
@@ -303,20 +354,69 @@ def step_batches(train_set: list[data.Example], schedule: data.BatchSchedule, st
         indices = schedule.indices(step * cfg.grad_accum + j)
         mine = indices[info.rank * cfg.batch_size:(info.rank + 1) * cfg.batch_size]
         examples = [train_set[i] for i in mine or indices[-1:]]
-        batch = collate_packed(examples) if cfg.packing else data.collate(examples, pad_id)
+        batch = collate_for(cfg, examples, pad_id)
         if not mine:  # an epoch's short last batch left this process nothing: no targets
+            if "labels" not in batch:
+                raise TunelabError("preference objectives run on one process (or a data set "
+                                   "that fills every process's micro-batch)")
             batch["labels"].fill_(data.IGNORE_INDEX)
         out.append(batch)
     return out
 
 
-def validate(loss_fn: TargetLoss, val_set: list[data.Example], cfg: TrainConfig, pad_id: int,
-             device: torch.device, info: dist.DistInfo) -> float:
-    """Validation loss per target token; each process takes every W-th example."""
-    total, count = loss_sums(loss_fn, val_set[info.rank::info.world], cfg.eval_batch_size,
-                             pad_id, device)
-    total, count = dist.all_reduce_pair(total, count, info, device)
-    return total / max(1.0, count)
+@torch.no_grad()
+def objective_eval(objective: torch.nn.Module, batches: Any, device: torch.device,
+                   info: dist.DistInfo) -> tuple[float, dict[str, float]]:
+    """The objective's mean loss and metrics over whole data (eval mode, no gradients)."""
+    was_training = objective.training
+    objective.eval()
+    parts: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    metric_sums: dict[str, float] = {}
+    for batch in batches:
+        for unit, n in objective.counts(batch).items():
+            counts[unit] = counts.get(unit, 0) + n
+        got, metrics = objective(**to_device(batch, device))
+        for unit, value in got.items():
+            parts[unit] = parts.get(unit, 0.0) + float(value)
+        for name, value in metrics.items():
+            metric_sums[name] = metric_sums.get(name, 0.0) + float(value)
+    objective.train(was_training)
+    totals = {u: dist.all_reduce_sum(counts.get(u, 0), info, device) for u in sorted(counts)}
+    loss = sum(dist.all_reduce_sum(parts.get(u, 0.0), info, device) / max(1.0, totals[u])
+               for u in sorted(counts))
+    n = max(1.0, totals.get(objective.metric_unit, 1.0))
+    return loss, {k: dist.all_reduce_sum(v, info, device) / n
+                  for k, v in sorted(metric_sums.items())}
+
+
+def precompute_reference(objective: torch.nn.Module, examples: list[Any], cfg: TrainConfig,
+                         device: torch.device) -> None:
+    """Store the reference's log-probs on each pair, from the model as it is now (before the
+    first update): the reference of full fine-tuning and of a run from ``init_adapter``."""
+    was_training = objective.training
+    objective.eval()
+    with torch.no_grad():
+        for start in range(0, len(examples), cfg.eval_batch_size):
+            chunk = examples[start:start + cfg.eval_batch_size]
+            logps, _ = objective.logps(**to_device(collate_pairs(chunk), device))
+            values = logps.float().cpu().tolist()
+            for i, ex in enumerate(chunk):
+                ex.ref_logps = (values[2 * i], values[2 * i + 1])
+    objective.train(was_training)
+
+
+def validate(objective: torch.nn.Module, val_set: list[Any], cfg: TrainConfig, pad_id: int,
+             device: torch.device, info: dist.DistInfo) -> tuple[float, dict[str, float]]:
+    """Validation loss (the objective's mean) and metrics; each process takes every W-th
+    example."""
+    mine = val_set[info.rank::info.world]
+    if cfg.objective in PREFERENCE:
+        batches = (collate_pairs(mine[i:i + cfg.eval_batch_size])
+                   for i in range(0, len(mine), cfg.eval_batch_size))
+    else:
+        batches = data.iter_batches(mine, cfg.eval_batch_size, pad_id)
+    return objective_eval(objective, batches, device, info)
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
@@ -344,7 +444,13 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
     load_peak = peak_memory_bytes(device)
     # the training phase's own peak from here (the whole run's is the larger of the two)
     train_peak_known = reset_peak_memory(device)
-    if cfg.packing:
+    if cfg.objective in PREFERENCE:  # pair rows: always the packed attention function
+        if not supports_packing(model):
+            raise ConfigError(f"objective: {cfg.objective} needs a model whose attention goes "
+                              "through transformers' attention interface (Llama, Qwen, "
+                              f"Mistral, ...); {type(unwrap(model)).__name__} does not")
+        use_packed_attention(model)
+    elif cfg.packing:
         if supports_packing(model):
             use_packed_attention(model)
         else:
@@ -368,7 +474,12 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
     if licence.category in ("non-commercial", "unknown"):
         log.warning("licence %s is %s: %s. Check the terms before you use or share this "
                     "model.", licence.id, licence.category, licence.summary)
-    loss_fn = TargetLoss(model).train()
+    loss_fn = build_objective(cfg, model).train()
+    if cfg.objective == "dpo" and (cfg.precompute_ref or cfg.method == "full"
+                                   or cfg.init_adapter):
+        log.info("reference log-probs: computed once for %d train and %d validation pairs",
+                 len(train_set), len(val_set))
+        precompute_reference(loss_fn, train_set + val_set, cfg, device)
     sharded = info.enabled and (cfg.parallel == "fsdp" or (cfg.parallel == "auto"
                                                            and cfg.method == "full"))
     step_fn = wrap_data_parallel(loss_fn, info, device, sharded)
@@ -418,7 +529,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro = step_batches(train_set, schedule, state.step, cfg, pad_id, info)
-            result = train_step(step_fn, micro, device, info)
+            result = train_step(step_fn, micro, device, info, loss_fn)
             if not math.isfinite(result.loss):
                 raise TrainingDiverged(
                     f"loss is {result.loss} at step {state.step + 1}; stopping. The last good "
@@ -443,11 +554,14 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
                 "target_tokens": state.target_tokens_seen,
                 "tokens_per_s": result.tokens * info.world / max(1e-9, step_seconds),
                 "peak_memory": peak_memory_bytes(device),
+                **result.metrics,
             }
             if val_set and cfg.eval_every and (state.step % cfg.eval_every == 0
                                                or state.step == steps):
-                last_val_loss = validate(loss_fn, val_set, cfg, pad_id, device, info)
+                last_val_loss, val_metrics = validate(loss_fn, val_set, cfg, pad_id, device,
+                                                      info)
                 record["val_loss"] = last_val_loss
+                record.update({f"val_{k}": v for k, v in val_metrics.items()})
                 if state.best_val_loss is None or last_val_loss < state.best_val_loss:
                     state.best_val_loss, state.best_step = last_val_loss, state.step
                     state.evals_without_improvement = 0

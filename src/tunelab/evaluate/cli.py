@@ -62,6 +62,8 @@ def _add_common(p: argparse.ArgumentParser, *, out: str) -> None:
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--beta", type=float, default=0.1,
+                   help="preference data: beta of the reward margin (default 0.1)")
 
 
 def add_parsers(subparsers: Any) -> None:
@@ -161,11 +163,57 @@ def _split_adapter(item: str) -> tuple[str | None, str]:
     return None, item
 
 
+def _is_preference_file(path: str) -> bool:
+    from tunelab import data, preference
+
+    return preference.is_preference(data.read_records(path))
+
+
+def _eval_preference(args: argparse.Namespace) -> int:
+    """Preference data: accuracy (the model prefers chosen) and reward margin, with
+    bootstrap intervals, written to OUT/preference.json."""
+    import json
+
+    from tunelab import adapters, data, models, preference
+    from tunelab.evaluate.preference import preference_metrics
+    from tunelab.packing import use_packed_attention
+
+    spec = args.model or (adapters.adapter_meta(args.adapter).get("base_model")
+                          if args.adapter else None) or "smollm2-135m"
+    model, tokenizer = models.load_model(spec, device=args.device, dtype=args.dtype,
+                                         allow_pickle=args.allow_pickle,
+                                         trust_remote_code=args.trust_remote_code)
+    if args.adapter:
+        model = adapters.load_adapter(model, args.adapter)
+    use_packed_attention(model)
+    records = data.read_records(args.data)[:args.limit]
+    pairs, _ = preference.encode_pairs(records, tokenizer)
+    result = preference_metrics(model, pairs, beta=args.beta, batch_size=args.batch_size,
+                                seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "preference.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(out / "preference.json")
+    acc, margin = result["preference_accuracy"], result["reward_margin"]
+    print(f"{args.adapter or args.model}: {result['n_pairs']} preference pairs from {args.data}")
+    print(f"  {'preference accuracy':<20} {acc['estimate']:.3f} [{acc['low']:.3f}, "
+          f"{acc['high']:.3f}]")
+    ref = "vs the base, adapter off" if result["reference"] else "no reference"
+    print(f"  {'reward margin':<20} {margin['estimate']:.3f} [{margin['low']:.3f}, "
+          f"{margin['high']:.3f}] (beta {args.beta}, {ref})")
+    print(f"results: {out / 'preference.json'}")
+    return 0
+
+
 # ---------------------------------------------------------------------------- commands
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from tunelab.evaluate.run import PromptStyle, choose_shots, resolve_finetuned, run_eval
+
+    if args.data and _is_preference_file(args.data):
+        return _eval_preference(args)
 
     source = resolve_finetuned(args.adapter) if args.adapter else None
     run_dirs = [source.run_dir] if source is not None and source.run_dir else []

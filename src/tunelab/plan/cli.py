@@ -81,6 +81,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--utilization", type=float, default=DEFAULT_UTILIZATION,
                    help=f"achieved / peak FLOP/s (default {DEFAULT_UTILIZATION})")
     p.add_argument("--price-per-hour", type=float, default=None, help="price per GPU-hour")
+    p.add_argument("--objective", choices=["sft", "dpo", "orpo"], default="sft",
+                   help="training objective: dpo adds its reference model's forward passes")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -111,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         avg_len=args.avg_len,
         epochs=args.epochs,
         price_per_hour=args.price_per_hour,
+        objective=args.objective,
     )
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))

@@ -702,6 +702,7 @@ def training_flops_per_token(
     lora_r: int = 16,
     lora_targets: str | Iterable[str] | None = None,
     target_fraction: float = 1.0,
+    reference_passes: float = 0.0,
 ) -> float:
     """Training FLOPs per token.
 
@@ -716,6 +717,9 @@ def training_flops_per_token(
       (frozen weights need no weight gradients), and forward + both backward passes of the
       small adapters, so ``~4N`` per token.
     * gradient checkpointing adds one more forward: ``+F``.
+    * a DPO reference adds ``reference_passes`` forwards without gradients: ``+F`` per
+      token with LoRA (adapters switched off on every step), ``+F / epochs`` for full
+      fine-tuning (log-probs precomputed once).
     """
     n = arch.active_linear_weight_params + arch.vocab * arch.hidden * target_fraction
     forward = 2 * n + 2 * arch.layers * seq * arch.q_dim
@@ -727,6 +731,7 @@ def training_flops_per_token(
         raise ConfigError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
     if grad_ckpt:
         flops += forward
+    flops += reference_passes * forward
     return float(flops)
 
 
@@ -787,6 +792,7 @@ def estimate_time(
     lora_targets: str | Iterable[str] | None = None,
     target_fraction: float = 1.0,
     price_per_hour: float | None = None,
+    reference_passes: float = 0.0,
 ) -> TimeEstimate:
     """Training time for ``tokens`` training tokens (all epochs) on ``gpus`` x ``gpu``.
 
@@ -799,7 +805,8 @@ def estimate_time(
     if not 0 < utilization <= 1:
         raise ConfigError(f"utilization must be in (0, 1], got {utilization}")
     flops = training_flops_per_token(arch, method, seq=seq, grad_ckpt=grad_ckpt, lora_r=lora_r,
-                                     lora_targets=lora_targets, target_fraction=target_fraction)
+                                     lora_targets=lora_targets, target_fraction=target_fraction,
+                                     reference_passes=reference_passes)
     return TimeEstimate(
         method=method,
         tokens=int(tokens),

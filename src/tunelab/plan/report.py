@@ -231,13 +231,20 @@ def build_plan(
     epochs: float = 1.0,
     price_per_hour: float | None = None,
     overhead_bytes: int | None = None,
+    objective: str = "sft",
 ) -> Plan:
     """Estimate every method for ``model`` on ``gpus`` x ``gpu`` and derive the advice.
 
     ``model`` is anything :func:`~tunelab.plan.catalog.resolve_model` accepts, or an
     :class:`Arch`. Training tokens come from ``tokens`` or ``examples * avg_len``, times
     ``epochs``; without them the time table is per 1M tokens.
+
+    ``objective: dpo`` accounts for the reference model: no second copy in memory (LoRA /
+    QLoRA: the base with adapters off; full: reference log-probs precomputed once), and its
+    forward passes in the time (see ``training_flops_per_token``). ``orpo`` has none.
     """
+    if objective not in ("sft", "dpo", "orpo"):
+        raise ConfigError(f"unknown objective {objective!r}: use sft, dpo or orpo")
     if isinstance(model, Arch):
         resolved = ResolvedModel(model, model.source)
     else:
@@ -306,10 +313,14 @@ def build_plan(
         min_gpus = None
         if fit_status(single, device, headroom) == "no":
             min_gpus = _min_fsdp_gpus(arch, method, common, device, headroom)
+        ref = 0.0
+        if objective == "dpo":
+            ref = 1.0 / epochs if method == "full" else 1.0
         time = estimate_time(
             arch, method, tokens=total_tokens, gpu=device, gpus=gpus, utilization=utilization,
             seq=attn_seq, grad_ckpt=grad_ckpt, lora_r=lora_r, lora_targets=targets,
-            target_fraction=target_fraction, price_per_hour=price_per_hour)
+            target_fraction=target_fraction, price_per_hour=price_per_hour,
+            reference_passes=ref)
         plans[method] = MethodPlan(method, _label(method, dtype, quant, lora_r), chosen, fit,
                                    parallel, by_parallel, fit_by, min_gpus, time)
 
@@ -318,7 +329,7 @@ def build_plan(
         arch=arch, source=resolved.source, licence=licence, gpu=device, gpus=gpus,
         headroom=headroom,
         settings={k: (sorted(v) if isinstance(v, frozenset) else v) for k, v in common.items()}
-        | {"methods": list(shown), "epochs": epochs},
+        | {"methods": list(shown), "epochs": epochs, "objective": objective},
         methods=plans, shown=shown, tokens=dataset_tokens or None, tokens_note=tokens_note,
         utilization=utilization, price_per_hour=price_per_hour)
     plan.recommendation = next((m for m in shown if plans[m].fits), None)
@@ -496,6 +507,7 @@ def _assumptions(plan: Plan, common: dict[str, Any]) -> list[str]:
     what = ("CPU process baseline (imports of python + torch + transformers [+ peft], trainer "
             "runtime, tokenizer; measured RSS)" if gpu.kind == "cpu" else "CUDA context")
     opt = common["optimizer"]
+    objective = plan.settings.get("objective", "sft")
     lines = [
         f"usable memory = {plan.headroom:.0%} of {gpu.memory_gib:.1f} GiB = "
         f"{plan.usable / GiB:.1f} GiB per device; overhead = {what} {fmt_bytes(overhead)}",
@@ -516,6 +528,16 @@ def _assumptions(plan: Plan, common: dict[str, Any]) -> list[str]:
         f"(+attention; +1 forward with checkpointing); qlora x{QLORA_SLOWDOWN:g} for "
         f"dequantization (assumed)",
     ]
+    if objective == "dpo":
+        lines.append(
+            "objective dpo: no second model in memory (LoRA/QLoRA: the reference is the base "
+            "with adapters off, a no-gradient forward whose activations are freed before the "
+            "training forward; full: reference log-probs precomputed once); time adds that "
+            "forward: +1 forward per token for LoRA/QLoRA, +1/epochs for full; seq is the pair "
+            "row prompt + chosen + rejected")
+    elif objective == "orpo":
+        lines.append("objective orpo: no reference model; seq is the pair row prompt + chosen "
+                     "+ rejected")
     if gpu.kind == "cpu":
         lines.append(
             "cpu: peak RSS = the larger of the two ends of backward (saved activations + "

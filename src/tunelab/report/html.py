@@ -126,6 +126,8 @@ svg polyline.series-train { fill: none; stroke-width: 1.2; opacity: 0.85; }
 svg .series-val { stroke: var(--val); fill: var(--val); }
 svg polyline.series-val { fill: none; stroke-width: 2; }
 svg line.series-train, svg line.series-val { stroke-width: 3; }
+svg .series-margin { stroke: var(--ok); fill: var(--ok); }
+svg polyline.series-margin { fill: none; stroke-width: 1.6; stroke-dasharray: 4 2; }
 svg .marker-best { stroke: var(--ok); stroke-dasharray: 5 3; stroke-width: 1.5; }
 svg .shade-overfit { fill: var(--bad); opacity: 0.09; }
 svg text.shade-label { fill: var(--bad); }
@@ -398,7 +400,27 @@ def _section_curves(curves: Mapping[str, Any]) -> str:
     if overfit.get("message"):
         cls = "flag" if overfit.get("detected") else "muted"
         message = f'<p class="{cls}">{_e(overfit["message"])}</p>'
-    return f'<section id="curves"><h2>Loss curves</h2>{chart}{message}</section>'
+    return (f'<section id="curves"><h2>Loss curves</h2>{chart}{message}'
+            f'{_preference_charts(points)}</section>')
+
+
+def _preference_charts(points: Any) -> str:
+    """DPO / ORPO runs: rewards of chosen and rejected answers, their margin, and the
+    share of pairs whose chosen reward is higher (preference accuracy), per step."""
+    chosen, rejected = points("rewards/chosen"), points("rewards/rejected")
+    margins, accuracy = points("rewards/margins"), points("rewards/accuracy")
+    if not (chosen or margins or accuracy):
+        return ""
+    rewards = [Series(label, pts, css) for label, pts, css in (
+        ("chosen reward", chosen, "series-val"), ("rejected reward", rejected, "series-train"),
+        ("margin", margins, "series-margin")) if pts]
+    charts = line_chart(rewards, title="Preference rewards (beta x log-ratio)", x_label="step",
+                        y_label="reward") if rewards else ""
+    if accuracy:
+        charts += line_chart([Series("preference accuracy", accuracy, "series-val")],
+                             title="Preference accuracy (chosen reward > rejected)",
+                             x_label="step", y_label="share of pairs")
+    return charts
 
 
 def _section_forgetting(forgetting: Mapping[str, Any]) -> str:

@@ -58,10 +58,14 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+# per-step metrics of the preference objectives (tunelab.objectives.dpo.reward_metrics)
+PREFERENCE_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy")
+
+
 def curves_section(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The report's ``curves`` entry: loss records plus the overfitting flag."""
-    keep = [{k: r.get(k) for k in ("step", "train_loss", "val_loss") if k in r}
-            for r in records if "step" in r]
+    keep = [{k: r.get(k) for k in ("step", "train_loss", "val_loss", *PREFERENCE_KEYS)
+             if k in r} for r in records if "step" in r]
     if not keep:
         return None
     return {"records": keep, "overfit": detect_overfitting(keep)}

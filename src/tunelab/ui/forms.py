@@ -25,7 +25,8 @@ TRAIN_FIELDS = ("model", "data", "val_data", "val_fraction", "format", "train_on
                 "overlength", "method", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
                 "lr", "schedule", "warmup_steps", "max_steps", "epochs", "batch_size",
                 "grad_accum", "grad_ckpt", "seed", "eval_every", "save_every",
-                "early_stopping_patience", "device", "dtype", "optimizer", "base_bits")
+                "early_stopping_patience", "device", "dtype", "optimizer", "base_bits",
+                "objective", "beta")
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # "base" is the chat page's name for the base model; "uploads" is the upload folder.
 RESERVED_NAMES = frozenset({"base", "uploads", "static", "api"})

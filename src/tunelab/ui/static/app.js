@@ -193,7 +193,8 @@ const PLAN_FIELDS = { method: "method", lora_r: "lora_r", max_length: "max_lengt
   batch_size: "batch_size", grad_accum: "grad_accum", max_steps: "max_steps", epochs: "epochs",
   grad_ckpt: "grad_ckpt" };
 const TRAIN_FIELDS = { model: "model", data: "data", ...DATA_FIELDS, ...PLAN_FIELDS, lr: "lr",
-  eval_every: "eval_every", save_every: "save_every", device: "device", seed: "seed" };
+  eval_every: "eval_every", save_every: "save_every", device: "device", seed: "seed",
+  objective: "objective", beta: "beta" };
 
 // Inputs marked data-keep survive a reload; a mirror input edits the same setting elsewhere.
 function keepInputs() {
