@@ -3,6 +3,7 @@ quantized as it goes; and what ``train`` checks before it loads anything."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -76,6 +77,44 @@ def test_quantized_layers_are_counted_once_under_lora(sharded_dir):
     assert after["n_weights"] == 3 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128)
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_frozen_untied_embedding_stays_in_the_checkpoint_dtype(sharded_dir, tmp_path, method):
+    """Under adapters the (untied) input embedding is stored in bf16, as in the checkpoint,
+    while the step still computes in fp32: same logits, gradients still reach the adapters,
+    and the plan counts the embedding at 2 bytes a weight."""
+    from tunelab.plan.catalog import arch_from_hf_config
+    from tunelab.plan.estimate import estimate_memory
+    from tunelab.quant import keep_trainable_layout
+    from tunelab.train import prepare_model
+
+    cfg = build_config({"model": str(sharded_dir), "data": "unused.jsonl", "method": method,
+                        "out": str(tmp_path / "out"), "device": "cpu", "grad_ckpt": True})
+    model, _ = prepare_model(cfg, torch.device("cpu"))
+    embedding = model.get_input_embeddings()
+    assert embedding.weight.dtype == torch.bfloat16
+    assert model.get_output_embeddings().weight.dtype == torch.float32
+    reference, _ = models.load_model(str(sharded_dir), device="cpu",
+                                     bits=4 if method == "qlora" else 16)
+    keep_trainable_layout(reference)  # bnb's CPU inference layout rounds absmax to bf16
+    ids = torch.tensor([[1, 5, 9, 30, 77, 120, 3, 2]])
+    # an evaluation pass first: it must not change the layout training reads (see
+    # quant.keep_trainable_layout), so the adapters' gradients below stay nonzero
+    with torch.no_grad(), model.disable_adapter():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+    model.train()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    lora_grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)
+
+    arch = arch_from_hf_config(json.loads((sharded_dir / "config.json").read_text()))
+    assert arch.weight_dtype == "bf16"
+    kept = estimate_memory(arch, method=method, seq=8, batch=1, device="cpu")
+    as_fp32 = estimate_memory(dataclasses.replace(arch, weight_dtype="fp32"), method=method,
+                              seq=8, batch=1, device="cpu")
+    assert as_fp32.weights - kept.weights == arch.vocab * arch.hidden * 2
+
+
 def test_checkpoint_with_renamed_tensors_goes_through_transformers(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -146,6 +185,7 @@ def test_streaming_merge_equals_base_plus_adapter(sharded_dir, tmp_path, bits):
     """Merged shards (written one at a time) compute what base + adapter computed."""
     from tunelab import adapters
     from tunelab.merge_streaming import merge_streaming
+    from tunelab.quant import keep_trainable_layout
 
     torch.manual_seed(1)
     model, tok = models.load_model(str(sharded_dir), device="cpu", bits=bits)
@@ -156,6 +196,7 @@ def test_streaming_merge_equals_base_plus_adapter(sharded_dir, tmp_path, bits):
     adapters.save_adapter(model, tmp_path / "adapter", meta={"base_bits": bits,
                                                             "quant_type": "nf4",
                                                             "double_quant": True})
+    keep_trainable_layout(model)  # bnb's CPU inference layout rounds absmax to bf16
     ids = torch.tensor([[1, 5, 9, 30, 77, 120, 3, 2]])
     with torch.no_grad():
         expected = model(input_ids=ids).logits

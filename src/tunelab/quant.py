@@ -53,6 +53,25 @@ def is_quantized_linear(module: torch.nn.Module) -> bool:
     return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
+def keep_trainable_layout(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes repacking 4-bit weights into its CPU inference layout; returns how
+    many layers were pinned.
+
+    On a CPU with AVX512-BF16, ``Linear4bit.forward`` in eval mode on an input without
+    gradient (any evaluation, or DPO's reference pass) converts the weight, once and in
+    place, to a layout only ``gemv_4bit`` reads; that op has no backward, so every later
+    training step silently gets a zero input gradient through each 4-bit layer and only
+    the adapters next to the residual stream (o_proj, down_proj) learn (bitsandbytes
+    0.50). A model that will be trained keeps the training layout.
+    """
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit" and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
 def quantized_weight_bytes(module: torch.nn.Module) -> int:
     """Bytes a quantized linear really holds: packed weights plus quantization constants."""
     weight = module.weight

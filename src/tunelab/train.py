@@ -128,6 +128,10 @@ def prepare_model(cfg: TrainConfig, device: torch.device | None = None
     if cfg.base_bits != 16:
         from peft import prepare_model_for_kbit_training
 
+        from tunelab.quant import keep_trainable_layout
+
+        keep_trainable_layout(model)
+
         # Norms to fp32 and input gradients on, so checkpointing works through the frozen base.
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.grad_ckpt,
@@ -138,6 +142,11 @@ def prepare_model(cfg: TrainConfig, device: torch.device | None = None
         for p in model.parameters():
             p.requires_grad_(True)
         return model, tokenizer
+    storage = getattr(model, "tunelab_checkpoint_dtype", None)
+    if storage is not None:
+        for p in model.parameters():
+            p.requires_grad_(False)  # the base is frozen under adapters
+        models.store_frozen_input_embedding(model, storage)
     if cfg.init_adapter:  # continue training an (SFT) adapter: its rank and targets hold
         return adapters.load_adapter(model, cfg.init_adapter, trainable=True), tokenizer
     model = adapters.attach_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha,

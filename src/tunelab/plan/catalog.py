@@ -87,6 +87,7 @@ class Arch:
     fused_gate_up: bool = False  # Phi-3: one gate_up_proj
     attn_softcap: bool = False  # Gemma 2: attention logit soft-capping (eager attention)
     extra_params: int = 0  # e.g. Gemma 3's vision tower: frozen, kept in compute dtype
+    weight_dtype: str = "bf16"  # how the checkpoint stores its weights (published: 16-bit)
     extra_note: str = ""
     licence: str = "unknown"
     key: str = ""  # catalogue key, e.g. "llama-2-7b"
@@ -589,9 +590,16 @@ def arch_from_hf_config(config: Mapping[str, Any], *, name: str | None = None) -
         fused_qkv=model_type == "phi3",
         fused_gate_up=model_type == "phi3",
         attn_softcap=cfg.get("attn_logit_softcapping") is not None,
+        weight_dtype=_weight_dtype(top.get("dtype") or top.get("torch_dtype")
+                                   or cfg.get("dtype") or cfg.get("torch_dtype")),
         licence=str(top.get("license") or "unknown"),
         source="config.json",
     )
+
+
+def _weight_dtype(name: Any) -> str:
+    """config.json's ``dtype`` as a plan dtype; 16-bit (bf16) when it says nothing usable."""
+    return {"float32": "fp32", "float16": "fp16"}.get(str(name).removeprefix("torch."), "bf16")
 
 
 def _gguf_value(reader: Any, key: str) -> Any:

@@ -411,6 +411,16 @@ def logits_bytes(arch: Arch, *, seq: int, batch: int, dtype_bytes: int,
                                    target_fraction=target_fraction))
 
 
+def frozen_embedding_saving(arch: Arch, dtype_bytes: int) -> int:
+    """Bytes saved by keeping a frozen, untied input embedding in the checkpoint's 16-bit
+    dtype while computing in fp32 (LoRA/QLoRA: it is only indexed, never multiplied; see
+    ``models.store_frozen_input_embedding``)."""
+    stored = DTYPE_BYTES[normalise_dtype(arch.weight_dtype)]
+    if arch.tied_embeddings or stored >= dtype_bytes:
+        return 0
+    return arch.embedding_params * (dtype_bytes - stored)
+
+
 def _heap_gradient_bytes(arch: Arch, dtype_bytes: int) -> int:
     """Full fine-tuning: bytes of the gradient tensors small enough for glibc's heap
     (<= :data:`GLIBC_MMAP_MAX` each)."""
@@ -573,6 +583,7 @@ def estimate_memory(
         else:
             kept_16bit = total_params - arch.linear_weight_params
             weights = int(quantized_linear_bytes(arch, quant)) + kept_16bit * b
+        weights -= frozen_embedding_saving(arch, b)
     optimizer_bytes = trainable * OPTIMIZER_BYTES_PER_PARAM[optimizer]
 
     act_kw: dict[str, Any] = dict(

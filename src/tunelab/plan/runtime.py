@@ -8,6 +8,7 @@ importing :mod:`tunelab.plan` stays light.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -124,6 +125,9 @@ def run_estimate(model: Any, cfg: Any, examples: Sequence[Any], steps: int, *,
 
     inner = unwrap(model)
     arch = arch_from_hf_config(inner.config.to_dict())
+    stored = getattr(inner, "tunelab_checkpoint_dtype", None)  # the config now says fp32
+    if stored is not None:
+        arch = dataclasses.replace(arch, weight_dtype=str(stored).removeprefix("torch."))
     from tunelab.models import pick_dtype
 
     params = list(model.parameters())
