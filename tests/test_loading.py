@@ -180,6 +180,28 @@ def test_refusal_names_the_figures_and_what_would_fit(tiny_model_dir, qa_data, t
     assert "weights" in str(info.value) and "--force" in str(info.value)
 
 
+def test_returning_freed_memory_is_switched_on_when_only_it_makes_the_run_fit(
+        tiny_model_dir, qa_data, tmp_path):
+    from tunelab import preflight
+    from tunelab.train import load_datasets
+
+    cfg = build_config({"model": str(tiny_model_dir), "data": str(qa_data), "device": "cpu",
+                        "out": str(tmp_path / "out"), "grad_ckpt": True, "max_length": 2048})
+    train_set, _, _ = load_datasets(cfg, models.load_tokenizer(str(tiny_model_dir)))
+    device, arch = torch.device("cpu"), preflight.model_arch(cfg.model)
+    keeping, est = preflight._planned_bytes(arch, cfg, train_set, 4, device, 0, 1)
+    returning, est_on = preflight._planned_bytes(
+        arch, dataclasses.replace(cfg, return_freed_memory="on"), train_set, 4, device, 0, 1)
+    assert est.retained > 0 and est_on.retained == 0 and returning == keeping - est.retained
+    between = (keeping + returning) // 2
+    assert preflight.plan_before_load(cfg, train_set, 4, device,
+                                      budget=between).return_freed_memory == "on"
+    assert preflight.plan_before_load(cfg, train_set, 4, device, budget=keeping) == cfg
+    with pytest.raises(preflight.RunWontFit):  # off: the plan keeps the retained heap
+        preflight.plan_before_load(dataclasses.replace(cfg, return_freed_memory="off"),
+                                   train_set, 4, device, budget=between)
+
+
 @pytest.mark.parametrize("bits", [16, 4])
 def test_streaming_merge_equals_base_plus_adapter(sharded_dir, tmp_path, bits):
     """Merged shards (written one at a time) compute what base + adapter computed."""

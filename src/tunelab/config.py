@@ -30,6 +30,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw"),
     "quant_type": ("nf4", "fp4"),
     "parallel": ("auto", "ddp", "fsdp"),
+    "return_freed_memory": ("auto", "on", "off"),
     "objective": ("sft", "dpo", "orpo"),
     "dpo_loss": ("sigmoid", "ipo", "hinge"),
 }
@@ -103,6 +104,9 @@ class TrainConfig:
     packing: bool = True
     group_by_length: bool = False
     fused_kernels: bool = True  # tunelab.kernels: fused LoRA update and RMSNorm, same math
+    # CPU: have glibc return freed tensors to the system (tunelab.memory); auto = on only
+    # when the plan says the run would not fit otherwise (it costs page faults per step)
+    return_freed_memory: str = "auto"
     seed: int = 0
     # evaluation and checkpoints
     eval_every: int = 0

@@ -149,6 +149,15 @@ def plan_before_load(cfg: TrainConfig, train_set: list[Any], steps: int,
                     "to keep it off.", fmt_bytes(planned), fmt_bytes(budget), device.type,
                     fmt_bytes(with_ckpt))
         cfg, planned, est = replace(cfg, grad_ckpt=True), with_ckpt, est_ckpt
+    if planned > budget and device.type == "cpu" and cfg.return_freed_memory == "auto":
+        returning, est_returning = _planned_bytes(
+            arch, replace(cfg, return_freed_memory="on"), train_set, steps, device, rank, world)
+        if returning < planned:
+            log.warning("returning freed memory to the system: the plan puts this run at %s "
+                        "with glibc keeping freed tensors, more than the %s available (%s "
+                        "without; steps get slower). Set return_freed_memory: off to keep it.",
+                        fmt_bytes(planned), fmt_bytes(budget), fmt_bytes(returning))
+            cfg, planned, est = replace(cfg, return_freed_memory="on"), returning, est_returning
     if planned <= budget:
         log.info("plan: %s of the %s available on %s (%s)", fmt_bytes(planned),
                  fmt_bytes(budget), device.type, cfg.method)

@@ -46,6 +46,7 @@ from tunelab.memory import (
     model_memory_parts,
     peak_memory_bytes,
     reset_peak_memory,
+    return_freed_memory,
 )
 from tunelab.objectives import PREFERENCE, build_objective
 from tunelab.objectives.pairs import collate_pairs
@@ -446,6 +447,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
     cfg = preflight.plan_before_load(cfg, train_set, steps, device,
                                      budget=memory_budget_bytes(device), rank=info.rank,
                                      world=info.world)
+    if device.type == "cpu" and cfg.return_freed_memory == "on" and not return_freed_memory():
+        log.warning("return_freed_memory: on has no effect here (not glibc)")
     torch.manual_seed(cfg.seed + info.rank)  # dropout differs per process, data order does not
     load_start = time.perf_counter()
     model, tokenizer = prepare_model(cfg, device)

@@ -9,7 +9,6 @@ importing :mod:`tunelab.plan` stays light.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -72,11 +71,12 @@ def run_shape(examples: Sequence[Any], batch_size: int, seed: int, micro_batches
     return RunShape(best.batch, best.width, best_targets)
 
 
-def _allocator_returns_memory() -> bool:
-    """True when glibc was told to return freed blocks (a fixed mmap threshold), in which
-    case the CPU heap-retention term does not apply."""
-    return bool(os.environ.get("MALLOC_MMAP_THRESHOLD_")) or \
-        "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", "")
+def returns_freed_memory(cfg: Any) -> bool:
+    """Whether the run hands freed tensors back to the system (then the CPU heap-retention
+    term does not apply): ``return_freed_memory: on``, or glibc told so by environment."""
+    from tunelab.memory import allocator_returns_memory
+
+    return getattr(cfg, "return_freed_memory", "auto") == "on" or allocator_returns_memory()
 
 
 def plan_run(arch: Arch, cfg: Any, examples: Sequence[Any], steps: int, *, device: str,
@@ -112,7 +112,7 @@ def plan_run(arch: Arch, cfg: Any, examples: Sequence[Any], steps: int, *, devic
         lora_r=cfg.lora_r, lora_targets=targets, adapter_dtype=adapter_dtype, quant=quant,
         target_fraction=min(1.0, max(shape.targets, 1) / shape.tokens),
         gpus=world if device == "cuda" else 1, parallel="fsdp" if sharded else "ddp",
-        heap_retention=0.0 if _allocator_returns_memory() else None)
+        heap_retention=0.0 if returns_freed_memory(cfg) else None)
     return est, shape
 
 
