@@ -84,7 +84,6 @@ def test_frozen_untied_embedding_stays_in_the_checkpoint_dtype(sharded_dir, tmp_
     and the plan counts the embedding at 2 bytes a weight."""
     from tunelab.plan.catalog import arch_from_hf_config
     from tunelab.plan.estimate import estimate_memory
-    from tunelab.quant import keep_trainable_layout
     from tunelab.train import prepare_model
 
     cfg = build_config({"model": str(sharded_dir), "data": "unused.jsonl", "method": method,
@@ -95,7 +94,6 @@ def test_frozen_untied_embedding_stays_in_the_checkpoint_dtype(sharded_dir, tmp_
     assert model.get_output_embeddings().weight.dtype == torch.float32
     reference, _ = models.load_model(str(sharded_dir), device="cpu",
                                      bits=4 if method == "qlora" else 16)
-    keep_trainable_layout(reference)  # bnb's CPU inference layout rounds absmax to bf16
     ids = torch.tensor([[1, 5, 9, 30, 77, 120, 3, 2]])
     # an evaluation pass first: it must not change the layout training reads (see
     # quant.keep_trainable_layout), so the adapters' gradients below stay nonzero
@@ -207,7 +205,6 @@ def test_streaming_merge_equals_base_plus_adapter(sharded_dir, tmp_path, bits):
     """Merged shards (written one at a time) compute what base + adapter computed."""
     from tunelab import adapters
     from tunelab.merge_streaming import merge_streaming
-    from tunelab.quant import keep_trainable_layout
 
     torch.manual_seed(1)
     model, tok = models.load_model(str(sharded_dir), device="cpu", bits=bits)
@@ -218,7 +215,6 @@ def test_streaming_merge_equals_base_plus_adapter(sharded_dir, tmp_path, bits):
     adapters.save_adapter(model, tmp_path / "adapter", meta={"base_bits": bits,
                                                             "quant_type": "nf4",
                                                             "double_quant": True})
-    keep_trainable_layout(model)  # bnb's CPU inference layout rounds absmax to bf16
     ids = torch.tensor([[1, 5, 9, 30, 77, 120, 3, 2]])
     with torch.no_grad():
         expected = model(input_ids=ids).logits

@@ -251,6 +251,10 @@ def load_model(
                              "(trust_remote_code: true) only if you trust it") from exc
         raise ModelError(f"cannot load model '{spec}': {exc}") from exc
     fix_special_tokens(tokenizer, model)
+    if bits == 4:
+        from tunelab.quant import keep_trainable_layout
+
+        keep_trainable_layout(model)  # one 4-bit layout for training, evaluation, serving
     model.tunelab_source = source  # so model cards can name what was loaded
     model.tunelab_checkpoint_dtype = checkpoint_dtype(folder)
     return model, tokenizer

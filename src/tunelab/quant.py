@@ -62,7 +62,10 @@ def keep_trainable_layout(model: torch.nn.Module) -> int:
     place, to a layout only ``gemv_4bit`` reads; that op has no backward, so every later
     training step silently gets a zero input gradient through each 4-bit layer and only
     the adapters next to the residual stream (o_proj, down_proj) learn (bitsandbytes
-    0.50). A model that will be trained keeps the training layout.
+    0.50). The conversion also fails on layers narrower than one 64-weight block, and it
+    rounds the block scales to bf16, so an evaluation would not compute what training did.
+    ``models.load_model`` pins every 4-bit model it loads: one layout everywhere, at the
+    cost of bitsandbytes' faster CPU ``gemv`` when generating token by token.
     """
     count = 0
     for module in model.modules():

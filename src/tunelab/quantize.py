@@ -112,6 +112,10 @@ def _measure(fmt: str, spec: str, folder: Path, texts: list[str], *, double_quan
         kwargs["device_map"] = {"": models.pick_device(device)}
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     load_seconds = time.perf_counter() - start
+    if bits == 4:  # the layout tunelab trains and evaluates with (quant.keep_trainable_layout)
+        from tunelab.quant import keep_trainable_layout
+
+        keep_trainable_layout(model)
     weight_bytes = _weight_bytes(model)
     note = ""
     if fmt == "bf16" and models.pick_device(device).type == "cpu":

@@ -129,10 +129,6 @@ def prepare_model(cfg: TrainConfig, device: torch.device | None = None
     if cfg.base_bits != 16:
         from peft import prepare_model_for_kbit_training
 
-        from tunelab.quant import keep_trainable_layout
-
-        keep_trainable_layout(model)
-
         # Norms to fp32 and input gradients on, so checkpointing works through the frozen base.
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.grad_ckpt,
