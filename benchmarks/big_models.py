@@ -3,6 +3,7 @@
     python benchmarks/big_models.py                                 # 1B, 7B, 13B
     python benchmarks/big_models.py --shapes llama-3.2-1b --steps 4
     python benchmarks/big_models.py --shapes llama-2-7b --workflow  # + generate, merge
+    python benchmarks/big_models.py --return-freed-memory            # glibc returns memory
 
 Each shape is a randomly initialised checkpoint of the published architecture (bf16
 safetensors shards, SmolLM2's 49,152-token tokenizer unless ``--vocab``), built once with
@@ -113,7 +114,7 @@ def train_run(model: Path, method: str, data: Path, work: Path, args: argparse.N
               ) -> dict[str, Any]:
     from train_throughput import step_flops
 
-    out = work / f"{model.name}-{method}"
+    out = work / f"{model.name}-{method}{'-returning' if args.return_freed_memory else ''}"
     reuse = args.reuse and (out / "summary.json").is_file()
     if not reuse:
         shutil.rmtree(out, ignore_errors=True)
@@ -121,10 +122,11 @@ def train_run(model: Path, method: str, data: Path, work: Path, args: argparse.N
            "--method", method, "--out", str(out), "--max-steps", str(args.steps),
            "--batch-size", "1", "--max-length", str(args.seq), "--device", "cpu",
            "--no-progress", "val_fraction=0", "grad_ckpt=true", "lora_r=16", "lora_alpha=32",
-           "format=text"]
+           "format=text",
+           f"return_freed_memory={'on' if args.return_freed_memory else 'off'}"]
     peak_before = matmul_peak()
     # --reuse: the figures of a finished run in --work (its matmul peak is measured now)
-    wall = None if reuse else timed(cmd, work / f"{model.name}-{method}.log")[0]
+    wall = None if reuse else timed(cmd, out.parent / f"{out.name}.log")[0]
     peak_after = matmul_peak()
     summary = json.loads((out / "summary.json").read_text())
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -139,7 +141,7 @@ def train_run(model: Path, method: str, data: Path, work: Path, args: argparse.N
     planned = summary.get("planned_peak_memory_bytes")
     row = {
         "shape": model.name, "method": method, "seq": args.seq, "steps": len(steps),
-        "reused_run": reuse,
+        "return_freed_memory": bool(args.return_freed_memory), "reused_run": reuse,
         "wall_seconds": wall, "load_seconds": summary["load_seconds"],
         "load_peak_rss": summary["load_peak_memory_bytes"],
         "train_peak_rss": summary["train_peak_memory_bytes"], "peak_rss": measured,
@@ -185,11 +187,14 @@ def workflow(model: Path, method: str, work: Path) -> dict[str, Any]:
 
 
 def print_rows(rows: list[dict[str, Any]]) -> None:
-    head = (f"{'shape':14} {'method':6} {'load s':>7} {'load GiB':>9} {'train GiB':>10} "
-            f"{'plan GiB':>9} {'plan err':>9} {'step s':>8} {'tok/s':>7} {'peak share':>10}")
+    head = (f"{'shape':14} {'method':6} {'freed':>5} {'load s':>7} {'load GiB':>9} "
+            f"{'train GiB':>10} {'plan GiB':>9} {'plan err':>9} {'step s':>8} {'tok/s':>7} "
+            f"{'peak share':>10}")
     print(head)
     for r in rows:
-        print(f"{r['shape']:14} {r['method']:6} {r['load_seconds']:7.0f} "
+        print(f"{r['shape']:14} {r['method']:6} "
+              f"{'back' if r.get('return_freed_memory') else 'kept':>5} "
+              f"{r['load_seconds']:7.0f} "
               f"{r['load_peak_rss'] / GiB:9.2f} {r['train_peak_rss'] / GiB:10.2f} "
               f"{(r['planned_peak_rss'] or 0) / GiB:9.2f} {r['plan_error'] or 0:+9.1%} "
               f"{r['step_seconds']:8.1f} {r['tokens_per_s']:7.1f} "
@@ -211,6 +216,8 @@ def main() -> None:
     parser.add_argument("--workflow", action="store_true",
                         help="also generate and merge with each QLoRA adapter")
     parser.add_argument("--json", type=Path, default=RESULTS)
+    parser.add_argument("--return-freed-memory", action="store_true",
+                        help="train with return_freed_memory: on (glibc returns freed tensors)")
     parser.add_argument("--reuse", action="store_true",
                         help="take a finished run in --work instead of training again")
     args = parser.parse_args()
@@ -227,8 +234,9 @@ def main() -> None:
             row = train_run(model, method, data, args.work, args)
             if args.workflow and method == "qlora":
                 row["workflow"] = workflow(model, method, args.work)
-            results["runs"] = [r for r in results["runs"]
-                               if (r["shape"], r["method"]) != (row["shape"], method)] + [row]
+            key = (row["shape"], method, row["return_freed_memory"])
+            results["runs"] = [r for r in results["runs"] if (
+                r["shape"], r["method"], r.get("return_freed_memory", False)) != key] + [row]
             args.json.parent.mkdir(parents=True, exist_ok=True)
             tmp = args.json.with_suffix(".tmp")
             tmp.write_text(json.dumps(results, indent=2) + "\n")

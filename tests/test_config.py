@@ -13,6 +13,13 @@ def test_defaults_and_overrides_parse_types():
     assert cfg.target_modules == ["q_proj", "v_proj"] and cfg.method == "lora"
 
 
+@pytest.mark.parametrize("value,expected", [(True, "on"), ("on", "on"), (False, "off"),
+                                            ("off", "off"), ("auto", "auto")])
+def test_switches_read_yaml_booleans_as_on_and_off(value, expected):
+    # YAML 1.1 (and so a config file) reads a bare `on` as true
+    assert build_config({**BASE, "return_freed_memory": value}).return_freed_memory == expected
+
+
 @pytest.mark.parametrize("values,message", [
     ({"lerning_rate": 1}, r"unknown config key 'lerning_rate'.*Known keys: model, data"),
     ({"batch_sise": 1}, r"did you mean 'batch_size'"),
@@ -24,6 +31,8 @@ def test_defaults_and_overrides_parse_types():
     ({"target_modules": 3}, r"'target_modules' must be 'all-linear' or a list"),
     ({"method": "full", "base_bits": 4}, r"full fine-tuning cannot update a quantized base"),
     ({"data": ""}, r"no training data"),
+    ({"return_freed_memory": "sometimes"}, r"'return_freed_memory' is 'sometimes'; allowed: auto"),
+    ({"return_freed_memory": 1.5}, r"'return_freed_memory' must be auto, on or off"),
 ])
 def test_bad_config_names_the_key_and_what_is_allowed(values, message):
     with pytest.raises(ConfigError, match=message):

@@ -135,6 +135,7 @@ class TrainConfig:
 
 
 _HINTS = get_type_hints(TrainConfig)
+SWITCHES = ("return_freed_memory",)  # auto / on / off keys
 KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "extra")
 
 
@@ -170,6 +171,17 @@ def _coerce(key: str, value: Any) -> Any:
             except ValueError:
                 pass
         raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+    if key in SWITCHES:  # auto / on / off; YAML and the command line read on/off as bools
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        word = text.lower() if text is not None else None
+        if word in ("true", "yes", "1"):
+            return "on"
+        if word in ("false", "no", "0"):
+            return "off"
+        if word is not None:
+            return word
+        raise ConfigError(f"config key '{key}' must be auto, on or off, got {value!r}")
     if key == "target_modules":
         if isinstance(value, str):
             if "," in value:
