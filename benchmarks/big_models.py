@@ -101,11 +101,14 @@ def matmul_peak() -> float:
     return measure(sizes=(2048, 3072), repeats=5, shapes=False)["peak_gflops"]
 
 
-def cli_plan(model: Path, method: str, seq: int, target_fraction: float) -> int:
-    out = subprocess.run([sys.executable, "-m", "tunelab", "plan", "--model", str(model),
-                          "--method", method, "--gpu", "cpu", "--seq", str(seq), "--batch", "1",
-                          "--grad-ckpt", "--target-fraction", f"{target_fraction:.6f}",
-                          "--json"], capture_output=True, text=True, env=env(), check=True)
+def cli_plan(model: Path, method: str, seq: int, target_fraction: float,
+             returning: bool = False) -> int:
+    cmd = [sys.executable, "-m", "tunelab", "plan", "--model", str(model), "--method", method,
+           "--gpu", "cpu", "--seq", str(seq), "--batch", "1", "--grad-ckpt",
+           "--target-fraction", f"{target_fraction:.6f}", "--json"]
+    if returning:
+        cmd.append("--return-freed-memory")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env(), check=True)
     plan = json.loads(out.stdout)
     return int(plan["methods"][method]["memory"]["total"])
 
@@ -151,7 +154,8 @@ def train_run(model: Path, method: str, data: Path, work: Path, args: argparse.N
         "share_of_matmul_peak": flops / steady / 1e9 / peak,
         "planned_peak_rss": planned,
         "plan_error": planned / measured - 1 if planned else None,
-        "cli_plan_peak_rss": cli_plan(model, method, tokens, (tokens - 1) / tokens),
+        "cli_plan_peak_rss": cli_plan(model, method, tokens, (tokens - 1) / tokens,
+                                      bool(args.return_freed_memory)),
         "largest_shard_bytes": _largest_shard(model),
         "quantized_layers": summary.get("quantized_layers"),
         "train_loss": [r["train_loss"] for r in steps],

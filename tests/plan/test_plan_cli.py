@@ -142,3 +142,14 @@ def test_bad_input_errors() -> None:
         build_plan("llama-2-7b", examples=100)
     with pytest.raises(ConfigError, match="LoRA target"):
         build_plan("llama-2-7b", lora_targets="q,attn")
+
+
+def test_return_freed_memory_removes_only_the_allocator_held_term(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    args = ("--model", "llama-2-7b", "--gpu", "cpu", "--method", "qlora", "--seq", "512",
+            "--grad-ckpt", "--json")
+    keeping = json.loads(plan_output(capsys, *args))["methods"]["qlora"]["memory"]
+    returning = json.loads(plan_output(capsys, *args, "--return-freed-memory")
+                           )["methods"]["qlora"]["memory"]
+    assert keeping["retained"] > 0 and returning["retained"] == 0
+    assert returning["total"] == keeping["total"] - keeping["retained"]

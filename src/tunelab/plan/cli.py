@@ -83,6 +83,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--price-per-hour", type=float, default=None, help="price per GPU-hour")
     p.add_argument("--objective", choices=["sft", "dpo", "orpo"], default="sft",
                    help="training objective: dpo adds its reference model's forward passes")
+    p.add_argument("--return-freed-memory", action="store_true",
+                   help="CPU: plan for return_freed_memory: on (no allocator-held memory)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -114,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         price_per_hour=args.price_per_hour,
         objective=args.objective,
+        return_freed_memory=args.return_freed_memory,
     )
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))

@@ -232,6 +232,7 @@ def build_plan(
     price_per_hour: float | None = None,
     overhead_bytes: int | None = None,
     objective: str = "sft",
+    return_freed_memory: bool = False,
 ) -> Plan:
     """Estimate every method for ``model`` on ``gpus`` x ``gpu`` and derive the advice.
 
@@ -268,6 +269,8 @@ def build_plan(
         optimizer=optimizer, lora_r=lora_r, lora_targets=targets, adapter_dtype=adapter_dtype,
         quant=quant, target_fraction=target_fraction, attention=attention,
         overhead_bytes=overhead_bytes)
+    if device.kind == "cpu" and return_freed_memory:
+        common["heap_retention"] = 0.0  # the run's return_freed_memory: on
 
     # Tokens for the time estimate.
     if tokens is not None and (examples is not None or avg_len is not None):
@@ -543,7 +546,8 @@ def _assumptions(plan: Plan, common: dict[str, Any]) -> list[str]:
             "cpu: peak RSS = the larger of the two ends of backward (saved activations + "
             "logits, or all gradients + the optimizer's temporaries), not their sum; "
             f"'allocator-held' = freed heap memory glibc keeps, {CPU_HEAP_RETENTION:g} x the "
-            "heap-sized activations (measured; 0 with MALLOC_MMAP_THRESHOLD_=131072)")
+            "heap-sized activations (measured; 0 with return_freed_memory: on, "
+            "--return-freed-memory here)")
     if plan.gpus > 1:
         lines.append(f"{plan.gpus} GPUs: DDP replicates everything (+ gradient buckets); FSDP "
                      f"shards weights, gradients and optimizer state 1/{plan.gpus}, not "
