@@ -63,7 +63,7 @@ def rounded_copy(folder, quant):
             if quant == "f16":
                 w = w.astype(np.float16).astype(np.float32)
             else:
-                q = GGMLQuantizationType.Q8_0
+                q = GGMLQuantizationType[quant.upper()]
                 w = dequantize(quantize(w, q), q).reshape(w.shape)
             p.copy_(torch.from_numpy(np.ascontiguousarray(w)))
     return model

@@ -24,6 +24,7 @@ import logging
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,9 @@ from tunelab.errors import ModelError, TunelabError
 
 log = logging.getLogger(__name__)
 
-QUANTS = ("f32", "f16", "q8_0")
+# Weight types the gguf package can write (it has no K-quant encoder: Q4_K etc. need
+# llama.cpp's llama-quantize). 4- and 5-bit types use blocks of 32 weights.
+QUANTS = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 
 
 def llama_permute(weights: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
@@ -62,6 +65,16 @@ def llama_unpermute(weights: np.ndarray, n_head: int, n_head_kv: int | None = No
 # ------------------------------------------------------------------------ tokenizer
 
 
+_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_TAIL = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# The split regexes of tokenizer.json files whose llama.cpp pre-tokenizer name is known
+# (Qwen2 splits digits one by one, Llama 3 in groups of up to three).
+SPLIT_REGEXES = {
+    _CONTRACTIONS + r"\p{N}" + _TAIL: "qwen2",
+    _CONTRACTIONS + r"\p{N}{1,3}" + _TAIL: "llama-bpe",
+}
+
+
 def _pre_tokenizer_name(tokenizer_json: dict, source_gguf: str | None) -> str:
     """llama.cpp's name for the pre-tokenizer (the regex that splits text before BPE)."""
     if source_gguf and Path(source_gguf).is_file():
@@ -73,25 +86,56 @@ def _pre_tokenizer_name(tokenizer_json: dict, source_gguf: str | None) -> str:
     pre = tokenizer_json.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt-2"  # plain GPT-2 regex + byte-level
+    steps = pre.get("pretokenizers") or []
+    if pre.get("type") == "Sequence" and len(steps) == 2 and steps[0].get("type") == "Split" \
+            and steps[1].get("type") == "ByteLevel" and not steps[1].get("use_regex", True):
+        known = SPLIT_REGEXES.get((steps[0].get("pattern") or {}).get("Regex"))
+        if known:
+            return known
     log.warning("unknown pre-tokenizer %s: writing 'default'; llama.cpp may split text "
                 "differently from the HF tokenizer", json.dumps(pre)[:200])
     return "default"
 
 
+def _is_byte_level(data: dict) -> bool:
+    """A GPT-2 style byte-level BPE (SmolLM, Llama 3, Qwen2), not a SentencePiece model
+    stored as BPE with byte fallback (Gemma, Llama 2)."""
+    model = data.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        return False
+    blob = json.dumps([data.get("pre_tokenizer"), data.get("decoder")])
+    return '"ByteLevel"' in blob
+
+
 def tokenizer_fields(folder: Path, tokenizer: Any, vocab_size: int,
                      source_gguf: str | None = None) -> dict[str, Any]:
-    """What GGUF stores about a byte-level BPE tokenizer, read from ``tokenizer.json``."""
-    from gguf import TokenType
+    """What GGUF stores about the tokenizer.
 
+    Byte-level BPE (``tokenizer.ggml.model = gpt2``) is read from ``tokenizer.json``. A
+    SentencePiece tokenizer (Gemma: ``llama``) is copied from the GGUF file the model came
+    from: its scores and token types are what llama.cpp tokenizes with, and fine-tuning
+    does not change them.
+    """
     file = folder / "tokenizer.json"
     if not file.is_file():
         raise ModelError(f"{folder} has no tokenizer.json: GGUF export needs a fast "
                          "(tokenizers) tokenizer")
     data = json.loads(file.read_text(encoding="utf-8"))
-    model = data.get("model") or {}
-    if model.get("type") != "BPE":
-        raise ModelError(f"GGUF export supports byte-level BPE tokenizers; this one is "
-                         f"{model.get('type')}")
+    if not _is_byte_level(data):
+        if source_gguf and Path(source_gguf).is_file():
+            return _copied_tokenizer(source_gguf, tokenizer)
+        kind = (data.get("model") or {}).get("type")
+        raise ModelError(f"GGUF export writes byte-level BPE tokenizers from tokenizer.json; "
+                         f"{file} is a SentencePiece-style {kind} tokenizer. Export from the "
+                         "model's GGUF file (--model FILE.gguf), whose tokenizer is copied")
+    return _bpe_tokenizer(data, tokenizer, vocab_size, source_gguf)
+
+
+def _bpe_tokenizer(data: dict, tokenizer: Any, vocab_size: int,
+                   source_gguf: str | None) -> dict[str, Any]:
+    from gguf import TokenType
+
+    model = data["model"]
     by_id: dict[int, str] = {int(i): tok for tok, i in model["vocab"].items()}
     types: dict[int, int] = {}
     for added in data.get("added_tokens") or []:
@@ -111,23 +155,170 @@ def tokenizer_fields(folder: Path, tokenizer: Any, vocab_size: int,
     ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
            "pad": tokenizer.pad_token_id, "unk": tokenizer.unk_token_id}
     probe = tokenizer("a").input_ids
-    return {"tokens": tokens, "token_types": token_types, "merges": merges, "ids": ids,
-            "pre": _pre_tokenizer_name(data, source_gguf),
+    return {"model": "gpt2", "tokens": tokens, "token_types": token_types, "merges": merges,
+            "ids": ids, "pre": _pre_tokenizer_name(data, source_gguf),
             "add_bos": bool(probe and ids["bos"] is not None and probe[0] == ids["bos"]),
-            "chat_template": getattr(tokenizer, "chat_template", None)}
+            "chat_template": getattr(tokenizer, "chat_template", None), "copied": []}
+
+
+def _copied_tokenizer(source_gguf: str, tokenizer: Any) -> dict[str, Any]:
+    """Every ``tokenizer.*`` field of ``source_gguf``, as (key, value, type, sub type)."""
+    from gguf import GGUFReader, GGUFValueType
+
+    fields = GGUFReader(source_gguf).fields
+    copied = []
+    for key, field in fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = GGUFValueType(field.types[0])
+        sub = GGUFValueType(field.types[1]) if vtype == GGUFValueType.ARRAY else None
+        copied.append((key, field.contents(), vtype, sub))
+    values = {key: value for key, value, _, _ in copied}
+    if "tokenizer.ggml.tokens" not in values:
+        raise ModelError(f"{source_gguf} has no tokenizer.ggml.tokens to copy")
+    template = getattr(tokenizer, "chat_template", None)
+    if template and "tokenizer.chat_template" not in values:  # added by fine-tuning set-up
+        copied.append(("tokenizer.chat_template", template, GGUFValueType.STRING, None))
+    ids = {k: values.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "pad")}
+    ids["unk"] = values.get("tokenizer.ggml.unknown_token_id")
+    return {"model": values.get("tokenizer.ggml.model"), "tokens": values["tokenizer.ggml.tokens"],
+            "ids": ids, "pre": values.get("tokenizer.ggml.pre", "default"),
+            "chat_template": values.get("tokenizer.chat_template", template), "copied": copied}
+
+
+def write_tokenizer(writer: Any, tok: dict[str, Any]) -> None:
+    if tok["copied"]:
+        for key, value, vtype, sub in tok["copied"]:
+            writer.add_key_value(key, value, vtype, sub)
+        return
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(tok["pre"])
+    writer.add_token_list(tok["tokens"])
+    writer.add_token_types(tok["token_types"])
+    writer.add_token_merges(tok["merges"])
+    for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
+                     ("pad", writer.add_pad_token_id), ("unk", writer.add_unk_token_id)):
+        if tok["ids"][key] is not None:
+            add(int(tok["ids"][key]))
+    writer.add_add_bos_token(tok["add_bos"])
+    writer.add_add_space_prefix(False)
+    if tok["chat_template"]:
+        writer.add_chat_template(tok["chat_template"])
 
 
 # --------------------------------------------------------------------------- GGUF
 
 
-def _rope_theta(config: Any) -> float:
+@dataclass(frozen=True)
+class GgufArch:
+    """How one HF architecture maps onto a llama.cpp architecture."""
+
+    name: str  # llama.cpp's architecture name (general.architecture)
+    permute_qk: bool  # llama.cpp's rotary pairs are interleaved (Llama) rather than halves
+    norm_shift: float  # added to every ``*norm.weight``: Gemma's RMSNorm scales by (1 + w)
+
+
+# HF config.model_type -> llama.cpp architecture (what convert_hf_to_gguf.py writes for it).
+ARCHS: dict[str, GgufArch] = {
+    "llama": GgufArch("llama", permute_qk=True, norm_shift=0.0),
+    "mistral": GgufArch("llama", permute_qk=True, norm_shift=0.0),
+    "qwen2": GgufArch("qwen2", permute_qk=False, norm_shift=0.0),
+    "gemma3_text": GgufArch("gemma3", permute_qk=False, norm_shift=1.0),
+}
+
+
+def gguf_arch(config: Any) -> GgufArch:
+    """The llama.cpp architecture for ``config``; a clear error for what is not handled."""
+    kind = config.model_type
+    arch = ARCHS.get(kind)
+    if arch is None:
+        hint = (" (an image-text Gemma 3: export its text model, Gemma3ForCausalLM)"
+                if kind == "gemma3" else "")
+        raise ModelError(f"GGUF export supports Llama-architecture models (Llama, Mistral, "
+                         f"SmolLM), Qwen2 and Gemma 3 text models; this one is "
+                         f"'{kind}'{hint}")
+    if arch.name == "llama" and getattr(config, "sliding_window", None):
+        raise ModelError(f"GGUF export: '{kind}' with a sliding window (Mistral v0.1 style) "
+                         "is not a plain Llama; llama.cpp's 'llama' architecture has no window")
+    if kind == "qwen2" and getattr(config, "use_sliding_window", False):
+        raise ModelError("GGUF export: Qwen2 with use_sliding_window=true is not handled "
+                         "(llama.cpp's qwen2 attends to the whole context)")
+    if arch.name == "gemma3":
+        _check_gemma3(config)
+    return arch
+
+
+def _check_gemma3(config: Any) -> None:
+    """What llama.cpp's gemma3 hard-codes must hold for this checkpoint, or the file would
+    load and compute something else: every 6th layer global, local rope base 10000, the
+    query scale 1/sqrt(head_dim) (27B: 1/sqrt(hidden/heads))."""
+    n = int(config.num_hidden_layers)
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    want = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)]
+    if layer_types and layer_types != want:
+        raise ModelError("GGUF export: llama.cpp's gemma3 makes every 6th layer global "
+                         "(sliding_window_pattern 6); this checkpoint's layer_types differ")
+    local = _rope_theta(config, "sliding_attention", 10000.0)
+    if local != 10000.0:
+        raise ModelError(f"GGUF export: llama.cpp's gemma3 uses rope base 10000 on sliding "
+                         f"layers; this checkpoint has {local:g}")
+    head_dim = int(config.head_dim)
+    scale_dim = config.hidden_size // config.num_attention_heads if n == 62 else head_dim
+    scalar = getattr(config, "query_pre_attn_scalar", head_dim)
+    if scalar != scale_dim:
+        raise ModelError(f"GGUF export: llama.cpp's gemma3 scales queries by "
+                         f"1/sqrt({scale_dim}); this checkpoint's query_pre_attn_scalar is "
+                         f"{scalar}")
+
+
+def _rope_theta(config: Any, layer_type: str = "full_attention",
+                default: float = 10000.0) -> float:
+    """The rope base (of ``layer_type`` layers where the config has one per layer type)."""
     params = getattr(config, "rope_parameters", None) or {}
+    if isinstance(params.get(layer_type), dict):  # Gemma 3: one set per attention type
+        params = params[layer_type]
+    elif layer_type == "sliding_attention":
+        local = getattr(config, "rope_local_base_freq", None)
+        params = {"rope_theta": local} if local is not None else {}
     scaling = getattr(config, "rope_scaling", None) or {}
+    if isinstance(scaling.get(layer_type), dict):
+        scaling = scaling[layer_type]
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
     if kind not in (None, "default"):
         raise ModelError(f"GGUF export does not handle rope scaling '{kind}' yet")
-    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
-    return float(theta if theta is not None else 10000.0)
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None)
+                       if layer_type == "full_attention" else None)
+    return float(theta if theta is not None else default)
+
+
+def _write_hparams(writer: Any, config: Any, arch: GgufArch) -> None:
+    """The ``<arch>.*`` hyperparameters, as llama.cpp's converter writes them per architecture."""
+    n_head = int(config.num_attention_heads)
+    n_kv = int(config.num_key_value_heads or n_head)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_head)
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(int(config.hidden_size))
+    writer.add_block_count(int(config.num_hidden_layers))
+    writer.add_feed_forward_length(int(config.intermediate_size))
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    if arch.name == "gemma3":
+        writer.add_rope_freq_base(_rope_theta(config, "full_attention", 1_000_000.0))
+        # Gemma 3 sets head_dim independently of hidden/heads (256 for a 640-wide 270M)
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        if getattr(config, "final_logit_softcapping", None):
+            writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+        if "sliding_attention" in (getattr(config, "layer_types", None) or ["sliding_attention"]):
+            writer.add_sliding_window(int(config.sliding_window))
+        return
+    writer.add_rope_freq_base(_rope_theta(config))
+    if arch.name == "llama":
+        writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // n_head:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
 
 
 def _load_state(folder: Path) -> dict[str, np.ndarray]:
@@ -147,10 +338,32 @@ def _load_state(folder: Path) -> dict[str, np.ndarray]:
     return state
 
 
+def _types(quant: str) -> tuple[Any, Any]:
+    """(tensor type, file type) of a ``--quant`` name."""
+    import gguf
+
+    file_type = {"f32": "ALL_F32", "f16": "MOSTLY_F16"}.get(quant, f"MOSTLY_{quant.upper()}")
+    return gguf.GGMLQuantizationType[quant.upper()], gguf.LlamaFileType[file_type]
+
+
+def _encode(data: np.ndarray, qtype: Any) -> tuple[np.ndarray, Any, str]:
+    """``data`` as stored for ``qtype``: (array, raw dtype or None, type name written)."""
+    import gguf
+
+    if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+        return data, None, "f32"  # norms and biases stay f32, as in llama.cpp
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return data.astype(np.float16), None, "f16"
+    if data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        # rows not a multiple of the type's block: this tensor stays f16
+        return data.astype(np.float16), None, "f16"
+    return gguf.quants.quantize(data, qtype), qtype, qtype.name.lower()
+
+
 def write_gguf(folder: str | Path, out_file: str | Path, *, quant: str = "f16",
                name: str | None = None, source_gguf: str | None = None,
                licence: str | None = None) -> dict[str, Any]:
-    """Write the Llama-architecture HF checkpoint in ``folder`` as one GGUF file."""
+    """Write the HF checkpoint in ``folder`` (Llama, Qwen2 or Gemma 3) as one GGUF file."""
     import gguf
     from transformers import AutoConfig, AutoTokenizer
 
@@ -160,62 +373,33 @@ def write_gguf(folder: str | Path, out_file: str | Path, *, quant: str = "f16",
         raise TunelabError(f"unknown quant '{quant}'; choose one of {', '.join(QUANTS)}")
     folder, out_file = Path(folder), Path(out_file)
     config = AutoConfig.from_pretrained(folder)
-    if config.model_type not in ("llama", "mistral") or getattr(config, "sliding_window", None):
-        raise ModelError(f"GGUF export supports Llama-architecture models; this one is "
-                         f"'{config.model_type}'")
+    arch = gguf_arch(config)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     fix_special_tokens(tokenizer)
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads or \
         config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
     tied = bool(getattr(config, "tie_word_embeddings", False))
     state = _load_state(folder)
     tok = tokenizer_fields(folder, tokenizer, config.vocab_size, source_gguf)
 
-    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-             "q8_0": gguf.GGMLQuantizationType.Q8_0}[quant]
-    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
+    qtype, ftype = _types(quant)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(f".tmp-{out_file.name}")
-    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer = gguf.GGUFWriter(str(tmp), arch.name)
     writer.add_type("model")
     writer.add_name(name or folder.name)
     if licence:
         writer.add_license(licence)
     writer.add_file_type(int(ftype))
-    if quant == "q8_0":
+    if quant not in ("f32", "f16", "bf16"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_vocab_size(len(tok["tokens"]))
-    writer.add_context_length(int(config.max_position_embeddings))
-    writer.add_embedding_length(int(config.hidden_size))
-    writer.add_block_count(int(config.num_hidden_layers))
-    writer.add_feed_forward_length(int(config.intermediate_size))
-    writer.add_head_count(int(n_head))
-    writer.add_head_count_kv(int(n_kv))
-    writer.add_rope_freq_base(_rope_theta(config))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_rope_dimension_count(int(head_dim))
-    if head_dim != config.hidden_size // n_head:
-        writer.add_key_length(int(head_dim))
-        writer.add_value_length(int(head_dim))
+    _write_hparams(writer, config, arch)
+    write_tokenizer(writer, tok)
 
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(tok["pre"])
-    writer.add_token_list(tok["tokens"])
-    writer.add_token_types(tok["token_types"])
-    writer.add_token_merges(tok["merges"])
-    for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
-                     ("pad", writer.add_pad_token_id), ("unk", writer.add_unk_token_id)):
-        if tok["ids"][key] is not None:
-            add(int(tok["ids"][key]))
-    writer.add_add_bos_token(tok["add_bos"])
-    writer.add_add_space_prefix(False)
-    if tok["chat_template"]:
-        writer.add_chat_template(tok["chat_template"])
-
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(config.num_hidden_layers))
-    counts = {"f32": 0, quant: 0}
+    model_arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch.name)
+    names = gguf.get_tensor_name_map(model_arch, int(config.num_hidden_layers))
+    counts: dict[str, int] = {"f32": 0, quant: 0}
     written = 0
     for key in sorted(state, key=_tensor_order):
         if key == "lm_head.weight" and tied:
@@ -224,24 +408,20 @@ def write_gguf(folder: str | Path, out_file: str | Path, *, quant: str = "f16",
             continue
         gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            raise ModelError(f"no GGUF name for tensor '{key}': not a plain Llama checkpoint")
+            raise ModelError(f"no GGUF name for tensor '{key}': not a plain "
+                             f"{config.model_type} checkpoint")
         data = state[key].astype(np.float32)
-        if key.endswith(("q_proj.weight", "q_proj.bias")):
+        if arch.permute_qk and key.endswith(("q_proj.weight", "q_proj.bias")):
             data = llama_permute(data, n_head, n_head)
-        elif key.endswith(("k_proj.weight", "k_proj.bias")):
+        elif arch.permute_qk and key.endswith(("k_proj.weight", "k_proj.bias")):
             data = llama_permute(data, n_head, n_kv)
-        if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(gguf_name, data)
-            counts["f32"] += 1
-        elif qtype == gguf.GGMLQuantizationType.F16:
-            writer.add_tensor(gguf_name, data.astype(np.float16))
-            counts[quant] += 1
-        elif data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0:
-            writer.add_tensor(gguf_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
-            counts[quant] += 1
-        else:  # rows not a multiple of the 32-weight block: keep this one in f16
-            writer.add_tensor(gguf_name, data.astype(np.float16))
-            counts["f16"] = counts.get("f16", 0) + 1
+        if arch.norm_shift and key.endswith("norm.weight"):
+            data = data + np.float32(arch.norm_shift)
+        if gguf_name == "token_embd.weight" and data.shape[0] > len(tok["tokens"]):
+            data = data[:len(tok["tokens"])]  # rows no token reaches (Gemma pads to 262208)
+        stored, raw, kind = _encode(data, qtype)
+        writer.add_tensor(gguf_name, stored, raw_dtype=raw)
+        counts[kind] = counts.get(kind, 0) + 1
         written += 1
     try:
         writer.write_header_to_file()
@@ -250,10 +430,11 @@ def write_gguf(folder: str | Path, out_file: str | Path, *, quant: str = "f16",
     finally:
         writer.close()
     tmp.replace(out_file)
-    return {"file": str(out_file), "quant": quant, "tensors": written, "types": counts,
-            "bytes": out_file.stat().st_size, "pre_tokenizer": tok["pre"],
-            "chat_template": tok["chat_template"], "eos": tok["tokens"][tok["ids"]["eos"]]
-            if tok["ids"]["eos"] is not None else None}
+    eos = tok["ids"]["eos"]
+    return {"file": str(out_file), "quant": quant, "arch": arch.name, "tensors": written,
+            "types": counts, "bytes": out_file.stat().st_size, "pre_tokenizer": tok["pre"],
+            "chat_template": tok["chat_template"],
+            "eos": tok["tokens"][eos] if eos is not None else None}
 
 
 def _tensor_order(key: str) -> tuple[int, int, str]:
