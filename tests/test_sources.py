@@ -1,5 +1,6 @@
 """`datasets` sources for --data: save_to_disk folders, shard folders, hf: ids (offline, from
-local files), column mapping, ShareGPT, and streaming a 1M-row parquet in bounded memory."""
+local files and from a real datasets cache), column mapping, ShareGPT, and streaming a
+1M-row parquet in bounded memory."""
 
 from __future__ import annotations
 
@@ -91,6 +92,53 @@ def test_hf_id_through_load_dataset_offline_with_split(tmp_path, tiny_tokenizer,
         data.read_records(spec, split="nope")
     with pytest.raises(DataError, match="hf:no-such-org/no-such-set.*cannot load"):
         data.read_records("hf:no-such-org/no-such-set")
+
+
+def _hub_cache_entry(cache: Path, repo_id: str, splits: dict[str, Path], commit: str) -> None:
+    """What an online ``load_dataset(repo_id)`` leaves in the datasets cache:
+    ``<org>___<name>/default/0.0.0/<commit>/`` with arrow files and dataset_info.json,
+    prepared by datasets' own json builder from local files."""
+    import shutil
+
+    from datasets.packaged_modules.json.json import Json
+
+    name = repo_id.split("/")[1]
+    builder = Json(cache_dir=str(cache), dataset_name=name, config_name="default", hash=commit,
+                   data_files={k: str(v) for k, v in splits.items()})
+    builder.download_and_prepare()
+    # a local build names the config after its data files; a hub build names it "default"
+    built = next((cache / name).glob(f"default-*/0.0.0/{commit}"))
+    target = cache / repo_id.replace("/", "___") / "default" / "0.0.0"
+    target.mkdir(parents=True)
+    shutil.move(str(built), str(target / commit))
+    shutil.rmtree(cache / name)
+
+
+def test_hf_id_from_a_real_datasets_cache_offline(tmp_path, tiny_tokenizer, monkeypatch):
+    """`hf:org/name` offline reads what load_dataset cached for that id: no hub, no files
+    (the source JSON files are gone by then)."""
+    ds = _datasets()
+    cache = tmp_path / "datasets-cache"
+    files = {"train": write_jsonl(tmp_path / "train.jsonl", ALPACA[:9]),
+             "test": write_jsonl(tmp_path / "test.jsonl", ALPACA[9:])}
+    _hub_cache_entry(cache, "tunelab-test/alpaca-mini", files, "0123abcd" * 5)
+    for file in files.values():
+        file.unlink()
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(ds.config, "HF_DATASETS_CACHE", cache)  # read at import time
+    monkeypatch.setattr(ds.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)  # no local folder of that name either
+    spec = "hf:tunelab-test/alpaca-mini"
+    assert data.sources.count_rows(spec, "train") == 9
+    records = data.read_records(spec, split="test")
+    assert [r.data["id"] for r in records] == [9, 10, 11]
+    assert data.resolve_format(records) == "instruction"
+    encoded = data.encode_records(records, tiny_tokenizer)[0]
+    assert len(encoded) == 3 and all(e.n_targets > 0 for e in encoded)
+    with pytest.raises(DataError, match="Pick one with --split"):
+        data.read_records(spec, split="validation")
+    with pytest.raises(DataError, match="hf:tunelab-test/other.*cannot load"):
+        data.read_records("hf:tunelab-test/other")
 
 
 def test_sharegpt_conversations_train_like_chat(tmp_path, tiny_tokenizer):
