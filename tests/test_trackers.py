@@ -159,3 +159,60 @@ def test_unknown_or_missing_tracker_is_one_error_line(tiny_model_dir, tmp_path, 
     errors = [x for x in done.stderr.splitlines() if x.startswith("error:")]
     assert errors == ["error: report_to: wandb needs the wandb package, which is not "
                       "installed: pip install 'tunelab[trackers]'"], done.stderr
+
+
+def test_a_crash_mid_training_closes_every_tracker_run_as_failed(tiny_model_dir, tmp_path,
+                                                                 monkeypatch):
+    """Step 3 raises: MLflow's run ends FAILED with the error, W&B's run finishes with exit
+    code 1, TensorBoard's events up to step 2 are flushed to disk; the error still reaches
+    the caller."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import tunelab.train as train_module
+
+    for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true",
+                       "WANDB_DIR": str(tmp_path), "WANDB_CACHE_DIR": str(tmp_path / "wc"),
+                       "WANDB_CONFIG_DIR": str(tmp_path / "wcfg")}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    real_step, calls = train_module.train_step, {"n": 0}
+
+    def failing_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash in step 3")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", failing_step)
+    rows = [{"prompt": f"question {i}?", "completion": "Paris"} for i in range(16)]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    cfg = build_config({"model": str(tiny_model_dir), "data": str(tmp_path / "qa.jsonl"),
+                        "out": str(out), "batch_size": 4, "max_steps": 6, "device": "cpu",
+                        "lora_r": 4, "report_to": "tensorboard,mlflow,wandb"})
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, progress=False)
+
+    import mlflow
+
+    assert mlflow.active_run() is None  # a next run in this process can start
+    client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"] == "RuntimeError: simulated crash in step 3"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/train_loss")] == [1, 2]
+    assert "error/text_summary" in acc.Tags()["tensors"]
+
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
+    records = list(_wandb_records(next(run_dir.glob("run-*.wandb"))))
+    exits = [r.exit for r in records if r.WhichOneof("record_type") == "exit"]
+    assert len(exits) == 1 and exits[0].exit_code == 1
+    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                for i in r.history.item}
+               for r in records if r.WhichOneof("record_type") == "history"]
+    assert [int(h["_step"]) for h in history] == [1, 2], history

@@ -2,7 +2,8 @@
 
 The training loop talks to one :class:`Trackers` object: ``log(step, metrics)`` after each
 step, ``finish(summary, files)`` at the end (the final summary and the run's report files as
-artifacts). Each backend keeps what the user expects of it:
+artifacts), or ``fail(error)`` when the run raises (each run is closed as failed, so no
+tracker is left waiting on a dead run). Each backend keeps what the user expects of it:
 
 * ``tensorboard``: ``torch.utils.tensorboard.SummaryWriter`` into ``OUT/tensorboard``: one
   scalar per metric and step, the config and the summary as text, the summary's numbers as
@@ -85,6 +86,10 @@ class _TensorBoard:
                              + "\n```", step)
         self.writer.close()
 
+    def fail(self, error: str) -> None:
+        self.writer.add_text("error", error)
+        self.writer.close()  # flushes the events written so far
+
 
 class _MLflow:
     def __init__(self, out: Path, config: dict[str, Any], run_name: str) -> None:
@@ -115,6 +120,12 @@ class _MLflow:
                 self.mlflow.log_artifact(str(path))
         self.mlflow.end_run()
 
+    def fail(self, error: str) -> None:
+        self.mlflow.set_tag("error", error[:5000])
+        # KILLED is MLflow's status for a run stopped from outside (Ctrl-C)
+        self.mlflow.end_run(status="KILLED" if error.startswith("KeyboardInterrupt")
+                            else "FAILED")
+
 
 class _WandB:
     def __init__(self, out: Path, config: dict[str, Any], run_name: str) -> None:
@@ -140,6 +151,10 @@ class _WandB:
                 artifact.add_file(str(path))
         self.run.log_artifact(artifact)
         self.run.finish()
+
+    def fail(self, error: str) -> None:
+        self.run.summary["error"] = error
+        self.run.finish(exit_code=1)  # W&B shows a non-zero exit code as a failed run
 
 
 class Trackers:
@@ -171,5 +186,16 @@ class Trackers:
                 backend.finish(summary, files)
             except Exception as exc:  # noqa: BLE001 -- a tracker must not fail a finished run
                 log.warning("%s could not record the end of the run: %s",
+                            type(backend).__name__.strip("_"), exc)
+        self.backends = []
+
+    def fail(self, error: BaseException) -> None:
+        """Close every run as failed, with the error, after a crash mid-training."""
+        text = f"{type(error).__name__}: {error}"
+        for backend in self.backends:
+            try:
+                backend.fail(text)
+            except Exception as exc:  # noqa: BLE001 -- the run's own error is what matters
+                log.warning("%s could not record the failure: %s",
                             type(backend).__name__.strip("_"), exc)
         self.backends = []

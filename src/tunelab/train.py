@@ -593,6 +593,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
                 log.info("early stopping at step %d: no validation improvement in %d evals",
                          state.step, cfg.early_stopping_patience)
                 break
+    except BaseException as exc:  # the tracker runs close as failed, not left open
+        tracker.fail(exc)
+        raise
     finally:
         bar.close()
         if metrics_log is not None:
