@@ -54,16 +54,21 @@ def rounded_copy(folder, quant):
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize, quantize
 
+    from tunelab.export import tensor_quant
+
     model = AutoModelForCausalLM.from_pretrained(folder)
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.ndim != 2:
                 continue
             w = p.detach().numpy()
-            if quant == "f16":
+            outer = {"model.embed_tokens.weight": "token_embd.weight",
+                     "lm_head.weight": "output.weight"}.get(name, "")
+            quant_here = tensor_quant(outer, quant)
+            if quant_here == "f16":
                 w = w.astype(np.float16).astype(np.float32)
             else:
-                q = GGMLQuantizationType[quant.upper()]
+                q = GGMLQuantizationType[quant_here.upper()]
                 w = dequantize(quantize(w, q), q).reshape(w.shape)
             p.copy_(torch.from_numpy(np.ascontiguousarray(w)))
     return model

@@ -108,7 +108,7 @@ def test_qwen2_round_trip_with_biases_and_untied_output(qwen2_dir, tmp_path):
 
 # 4-bit and 5-bit types: blocks of 32 weights with a scale (and a minimum for _1); bf16 keeps
 # the exponent of f32 with 8 mantissa bits. Measured RMS logit error on the tiny model (hidden
-# 32, weights ~0.3, logits up to ~7): f16 0.002, bf16 0.02, q8_0 0.06, q5 0.45, q4 0.74.
+# 32, weights ~0.3, logits up to ~7): f16 0.002, bf16 0.02, q8_0 0.06, q5 0.4, q4 0.63.
 RMS_BOUND = {"bf16": 0.06, "q5_1": 1.0, "q5_0": 1.0, "q4_1": 1.6, "q4_0": 1.6}
 
 
@@ -119,7 +119,9 @@ def rms(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("quant", ["bf16", "q5_1", "q5_0", "q4_1", "q4_0"])
 def test_more_quant_types_read_back_as_their_rounding(tiny_model_dir, tmp_path, quant):
     report = export_model(str(tiny_model_dir), to="gguf", quant=quant, out=tmp_path)
-    assert report["types"] == {"f32": 5, quant: 15}
+    # 4-5 bits: the (tied) token embedding stays q8_0, as llama-quantize keeps it high
+    assert report["types"] == ({"f32": 5, quant: 15} if quant == "bf16"
+                               else {"f32": 5, quant: 14, "q8_0": 1})
     got = logits(load_gguf(Path(report["out"])))
     # exactly the rounding the file holds (computed in fp32 by transformers)
     torch.testing.assert_close(got, logits(rounded_copy(tiny_model_dir, quant)),
@@ -154,7 +156,8 @@ def test_quant_rows_off_the_block_stay_f16(tmp_path):
                                  num_hidden_layers=1, num_attention_heads=4,
                                  tie_word_embeddings=True)).save_pretrained(tmp_path / "m")
     report = write_gguf(tmp_path / "m", tmp_path / "m.gguf", quant="q4_0")
-    assert report["types"] == {"f32": 3, "q4_0": 7, "f16": 1}  # ffn_down: rows of 48
+    # ffn_down: rows of 48; the embedding: q8_0
+    assert report["types"] == {"f32": 3, "q4_0": 6, "q8_0": 1, "f16": 1}
 
 
 def test_unhandled_architectures_are_refused_clearly(tmp_path):

@@ -338,6 +338,17 @@ def _load_state(folder: Path) -> dict[str, np.ndarray]:
     return state
 
 
+# Token embeddings and the output layer decide every logit: at 4-5 bits llama-quantize keeps
+# them at q6_K, which gguf cannot encode; q8_0 is the nearest type it can.
+KEEP_Q8 = ("token_embd.weight", "output.weight")
+LOW_BIT = ("q5_1", "q5_0", "q4_1", "q4_0")
+
+
+def tensor_quant(gguf_name: str, quant: str) -> str:
+    """The ``--quant`` type a 2-D tensor is written in (norms and biases are always f32)."""
+    return "q8_0" if quant in LOW_BIT and gguf_name in KEEP_Q8 else quant
+
+
 def _types(quant: str) -> tuple[Any, Any]:
     """(tensor type, file type) of a ``--quant`` name."""
     import gguf
@@ -382,7 +393,7 @@ def write_gguf(folder: str | Path, out_file: str | Path, *, quant: str = "f16",
     state = _load_state(folder)
     tok = tokenizer_fields(folder, tokenizer, config.vocab_size, source_gguf)
 
-    qtype, ftype = _types(quant)
+    ftype = _types(quant)[1]
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(f".tmp-{out_file.name}")
     writer = gguf.GGUFWriter(str(tmp), arch.name)
@@ -419,7 +430,7 @@ def write_gguf(folder: str | Path, out_file: str | Path, *, quant: str = "f16",
             data = data + np.float32(arch.norm_shift)
         if gguf_name == "token_embd.weight" and data.shape[0] > len(tok["tokens"]):
             data = data[:len(tok["tokens"])]  # rows no token reaches (Gemma pads to 262208)
-        stored, raw, kind = _encode(data, qtype)
+        stored, raw, kind = _encode(data, _types(tensor_quant(gguf_name, quant))[0])
         writer.add_tensor(gguf_name, stored, raw_dtype=raw)
         counts[kind] = counts.get(kind, 0) + 1
         written += 1
