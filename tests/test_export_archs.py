@@ -223,6 +223,10 @@ def test_gemma3_270m_gguf_round_trip_and_llama_cpp(gemma3_file, tmp_path):
     stored = next(t for t in reader.tensors if t.name == "blk.0.attn_norm.weight")
     np.testing.assert_allclose(np.array(stored.data), norm + 1, rtol=0, atol=1e-6)
 
+    # the same model as an HF folder: no scores to write the SentencePiece tokenizer with
+    with pytest.raises(ModelError, match="SentencePiece-style.*--model FILE.gguf"):
+        write_gguf(models.local_folder(models.resolve_model(gemma3_file)), tmp_path / "x.gguf")
+
     back = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name,
                                                 dtype=torch.float32)
     got = logits(back, ids)

@@ -4,16 +4,20 @@
 given). ``--to gguf`` writes one GGUF file for llama.cpp / Ollama with the ``gguf`` package,
 plus an Ollama ``Modelfile`` beside it:
 
-* architecture ``llama`` (Llama, SmolLM, TinyLlama, Mistral-style models without sliding
-  windows): tensor names from gguf's name map (``token_embd``, ``blk.N.attn_q``, ...) and the
-  ``llama.*`` hyperparameters (context length, widths, head counts, rope base, RMS eps);
-* **q/k permutation**: HF stores each head's rotary pairs as two halves, llama.cpp
-  interleaves them, so ``q_proj``/``k_proj`` rows are reordered as llama.cpp's converter does
-  (:func:`llama_permute`); readers (llama.cpp, transformers' GGUF loader) undo it;
-* weights in ``f32``, ``f16`` or ``q8_0`` (blocks of 32 weights, one fp16 scale); norms and
-  other 1-D tensors stay f32, as in llama.cpp;
+* architectures (:data:`ARCHS`), as llama.cpp's ``convert_hf_to_gguf.py`` writes them:
+  ``llama`` (Llama, SmolLM, TinyLlama, Mistral-style models without sliding windows),
+  ``qwen2`` (q/k/v biases) and ``gemma3`` (Gemma 3 text models: norms stored as ``1 + w``,
+  ``head_dim`` key/value lengths, the sliding window; what llama.cpp hard-codes is checked);
+  tensor names from gguf's per-architecture name map (``token_embd``, ``blk.N.attn_q``, ...);
+* **q/k permutation** (``llama`` only): HF stores each head's rotary pairs as two halves,
+  llama.cpp interleaves them, so ``q_proj``/``k_proj`` rows are reordered as llama.cpp's
+  converter does (:func:`llama_permute`); readers (llama.cpp, transformers) undo it;
+* weights in every type the ``gguf`` package can encode (:data:`QUANTS`); norms and other
+  1-D tensors stay f32, as in llama.cpp; at 4-5 bits the token embedding and output layer
+  stay q8_0 (:func:`tensor_quant`);
 * the tokenizer: byte-level BPE (``tokenizer.ggml.model = gpt2``) with tokens, token types
-  and merges from ``tokenizer.json``, bos/eos/pad/unk ids and the chat template.
+  and merges from ``tokenizer.json``, bos/eos/pad/unk ids and the chat template; a
+  SentencePiece tokenizer (Gemma) is copied from the GGUF file the model came from.
 """
 
 from __future__ import annotations
@@ -390,8 +394,8 @@ def write_gguf(folder: str | Path, out_file: str | Path, *, quant: str = "f16",
     n_head, n_kv = config.num_attention_heads, config.num_key_value_heads or \
         config.num_attention_heads
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    state = _load_state(folder)
     tok = tokenizer_fields(folder, tokenizer, config.vocab_size, source_gguf)
+    state = _load_state(folder)
 
     ftype = _types(quant)[1]
     out_file.parent.mkdir(parents=True, exist_ok=True)
