@@ -90,6 +90,29 @@ def test_bad_pairs_name_file_line_and_field(tiny_tokenizer, row, field, message)
     assert message in text
 
 
+@pytest.mark.parametrize("turn,suffix,message", [
+    ({"role": "robot", "content": "q"}, ".role", "unknown role 'robot'"),
+    ({"role": "user", "content": 3}, ".content", "content must be a string, got int"),
+    ("q", "", "expected an object with 'role' and 'content'"),
+])
+def test_sft_and_preference_chat_fields_fail_with_the_same_words(tiny_tokenizer, turn, suffix,
+                                                                 message):
+    # one validator serves both readers: the same bad turn reads the same in either file
+    errors = []
+    for row, name in (({"messages": [turn, {"role": "assistant", "content": "a"}]}, "messages"),
+                      ({"prompt": [turn], "chosen": "a", "rejected": "b"}, "prompt")):
+        with pytest.raises(DataError) as err:
+            if name == "messages":
+                data.to_messages(rec(row, line=4), "chat")
+            else:
+                preference.to_pair(rec(row, line=4))
+        text = str(err.value)
+        assert text.startswith(f"pairs.jsonl, line 4, field '{name}[0]{suffix}'")
+        assert message in text
+        errors.append(text.replace("messages[0]", "X").replace("prompt[0]", "X"))
+    assert errors[0] == errors[1]
+
+
 def test_identical_answers_are_dropped_and_counted(tiny_tokenizer, caplog):
     rows = [{"prompt": "q", "chosen": "a", "rejected": "b"},
             {"prompt": "q", "chosen": "same", "rejected": "same"}]
