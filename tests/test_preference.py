@@ -240,14 +240,16 @@ def test_preference_training_learns_and_logs_reward_metrics(tiny_model_dir, tmp_
 
         assert main(["eval", "--model", str(tiny_model_dir), "--adapter", str(out / "adapter"),
                      "--data", str(pairs), "--beta", "0.5", "--out", str(tmp_path / "ev"),
-                     "--device", "cpu"]) == 0
-        result = json.loads((tmp_path / "ev" / "preference.json").read_text())
-        assert result["n_pairs"] == len(PAIRS)
-        assert result["preference_accuracy"]["estimate"] == 1.0
+                     "--device", "cpu", "--max-new-tokens", "3", "--no-progress"]) == 0
+        result = json.loads((tmp_path / "ev" / "results.json").read_text())["preference"]
+        assert result["n_pairs"] == len(PAIRS) and result["reference"]
+        assert result["preference_accuracy"]["mean"] == 1.0
         margin = result["reward_margin"]
-        assert margin["low"] > 0 and margin["low"] <= margin["estimate"] <= margin["high"]
-        assert margin["estimate"] == pytest.approx(
-            sum(p["margin"] for p in result["per_pair"]) / len(PAIRS), rel=1e-5)
+        assert 0 < margin["ci_low"] <= margin["mean"] <= margin["ci_high"]
+        per_pair = [json.loads(x) for x in
+                    (tmp_path / "ev" / "pairs.jsonl").read_text().splitlines()]
+        assert margin["mean"] == pytest.approx(
+            sum(p["margin"] for p in per_pair) / len(PAIRS), rel=1e-3)
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     report = json.loads((out / "report.json").read_text())
     assert report["curves"]["records"][-1]["rewards/margins"] == rows[-1]["rewards/margins"]
