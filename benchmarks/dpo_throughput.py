@@ -36,8 +36,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
-LORA = {"r": 16, "alpha": 32.0, "dropout": 0.0}
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(1, str(ROOT / "src"))
+
+from common import LORA, peak_rss_bytes, timed_train  # noqa: E402
+
 SYSTEMS = ["tunelab", "trl-default", "trl-best"]
 FIELDS = ("capital", "region", "currency")
 
@@ -62,14 +65,6 @@ def build_pairs(n: int, seed: int = 0) -> list[dict]:
     return pairs
 
 
-def peak_rss_bytes() -> int:
-    import torch
-
-    from tunelab.memory import peak_memory_bytes
-
-    return peak_memory_bytes(torch.device("cpu"))
-
-
 def run_tunelab(args: argparse.Namespace, work: Path) -> dict:
     from tunelab.config import build_config
     from tunelab.train import train
@@ -85,23 +80,6 @@ def run_tunelab(args: argparse.Namespace, work: Path) -> dict:
     return {"seconds": result.train_seconds, "peak_rss": peak_rss_bytes(),
             "final_loss": rows[-1]["train_loss"],
             "final_accuracy": rows[-1]["rewards/accuracy"]}
-
-
-def _timed_train(trainer: Any) -> float:
-    from transformers import TrainerCallback
-
-    marks: dict[str, float] = {}
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *a: Any, **k: Any) -> None:
-            marks["begin"] = time.perf_counter()
-
-        def on_train_end(self, *a: Any, **k: Any) -> None:
-            marks["end"] = time.perf_counter()
-
-    trainer.add_callback(Clock())
-    trainer.train()
-    return marks["end"] - marks["begin"]
 
 
 def run_trl(args: argparse.Namespace, work: Path, best: bool) -> dict:
@@ -131,7 +109,7 @@ def run_trl(args: argparse.Namespace, work: Path, best: bool) -> dict:
                       target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok,
                          peft_config=peft)
-    seconds = _timed_train(trainer)
+    seconds = timed_train(trainer)
     logs = [h for h in trainer.state.log_history if "loss" in h]
     return {"seconds": seconds, "peak_rss": peak_rss_bytes(), "final_loss": logs[-1]["loss"],
             "final_accuracy": logs[-1].get("rewards/accuracies")}

@@ -59,7 +59,8 @@ def main() -> None:
 
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="levers-inductor-")
 
-    from train_throughput import LORA, build_data, quick_peak, step_flops
+    from common import LORA
+    from train_throughput import build_data, quick_peak, step_flops
 
     from tunelab import data
     from tunelab.config import build_config

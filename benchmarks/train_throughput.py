@@ -62,7 +62,8 @@ sys.path.insert(1, str(ROOT / "src"))
 PRELOAD = ["__main__", "torch", "transformers", "peft", "datasets", "trl", "tunelab.train",
            "tunelab.adapters"]
 
-LORA = {"r": 16, "alpha": 32.0, "dropout": 0.0}
+from common import LORA, peak_rss_bytes, timed_train  # noqa: E402
+
 SYSTEMS = {"lora": ["tunelab", "trl-default", "trl-best", "hf-trainer"],
            "qlora": ["tunelab", "trl-default", "trl-best"]}
 
@@ -165,14 +166,6 @@ def step_flops(config: dict, lengths: list[int], targets: list[int], lora_r: int
 # ---------------------------------------------------------------------------------------
 # one run (in its own process)
 
-def peak_rss_bytes() -> int:
-    import torch
-
-    from tunelab.memory import peak_memory_bytes
-
-    return peak_memory_bytes(torch.device("cpu"))
-
-
 def heldout_loss(model: Any, tokenizer: Any, val_path: Path, max_length: int) -> float:
     """Mean loss per assistant token on the held-out records: full logits, one definition
     for every system."""
@@ -248,23 +241,6 @@ def _lora_config() -> Any:
                       target_modules="all-linear", task_type="CAUSAL_LM")
 
 
-def _timed_train(trainer: Any) -> float:
-    from transformers import TrainerCallback
-
-    marks: dict[str, float] = {}
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *a: Any, **k: Any) -> None:
-            marks["begin"] = time.perf_counter()
-
-        def on_train_end(self, *a: Any, **k: Any) -> None:
-            marks["end"] = time.perf_counter()
-
-    trainer.add_callback(Clock())
-    trainer.train()
-    return marks["end"] - marks["begin"]
-
-
 def _common_args(args: argparse.Namespace, work: Path) -> dict:
     return {"output_dir": str(work / "out"), "per_device_train_batch_size": args.batch,
             "max_steps": args.steps, "learning_rate": args.lr, "lr_scheduler_type": "linear",
@@ -300,7 +276,7 @@ def run_trl(args: argparse.Namespace, work: Path, best: bool) -> dict:
             if p.requires_grad:
                 p.data = p.data.to(torch.float32)
     trainer.data_collator = counter = CountingCollator(trainer.data_collator)
-    seconds = _timed_train(trainer)
+    seconds = timed_train(trainer)
     peak = peak_rss_bytes()
     model = trainer.model
     if model.is_gradient_checkpointing:
@@ -326,7 +302,7 @@ def run_hf_trainer(args: argparse.Namespace, work: Path) -> dict:
                                                        label_pad_token_id=-100))
     trainer = Trainer(model=model, args=TrainingArguments(**_common_args(args, work)),
                       train_dataset=features, data_collator=collator)
-    seconds = _timed_train(trainer)
+    seconds = timed_train(trainer)
     peak = peak_rss_bytes()
     return {"tokens": collator.tokens, "seconds": seconds, "peak_rss": peak,
             "val_loss": heldout_loss(trainer.model, tok, args.data / "val.jsonl",

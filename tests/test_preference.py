@@ -90,6 +90,29 @@ def test_bad_pairs_name_file_line_and_field(tiny_tokenizer, row, field, message)
     assert message in text
 
 
+@pytest.mark.parametrize("turn,suffix,message", [
+    ({"role": "robot", "content": "q"}, ".role", "unknown role 'robot'"),
+    ({"role": "user", "content": 3}, ".content", "content must be a string, got int"),
+    ("q", "", "expected an object with 'role' and 'content'"),
+])
+def test_sft_and_preference_chat_fields_fail_with_the_same_words(tiny_tokenizer, turn, suffix,
+                                                                 message):
+    # one validator serves both readers: the same bad turn reads the same in either file
+    errors = []
+    for row, name in (({"messages": [turn, {"role": "assistant", "content": "a"}]}, "messages"),
+                      ({"prompt": [turn], "chosen": "a", "rejected": "b"}, "prompt")):
+        with pytest.raises(DataError) as err:
+            if name == "messages":
+                data.to_messages(rec(row, line=4), "chat")
+            else:
+                preference.to_pair(rec(row, line=4))
+        text = str(err.value)
+        assert text.startswith(f"pairs.jsonl, line 4, field '{name}[0]{suffix}'")
+        assert message in text
+        errors.append(text.replace("messages[0]", "X").replace("prompt[0]", "X"))
+    assert errors[0] == errors[1]
+
+
 def test_identical_answers_are_dropped_and_counted(tiny_tokenizer, caplog):
     rows = [{"prompt": "q", "chosen": "a", "rejected": "b"},
             {"prompt": "q", "chosen": "same", "rejected": "same"}]
@@ -217,14 +240,16 @@ def test_preference_training_learns_and_logs_reward_metrics(tiny_model_dir, tmp_
 
         assert main(["eval", "--model", str(tiny_model_dir), "--adapter", str(out / "adapter"),
                      "--data", str(pairs), "--beta", "0.5", "--out", str(tmp_path / "ev"),
-                     "--device", "cpu"]) == 0
-        result = json.loads((tmp_path / "ev" / "preference.json").read_text())
-        assert result["n_pairs"] == len(PAIRS)
-        assert result["preference_accuracy"]["estimate"] == 1.0
+                     "--device", "cpu", "--max-new-tokens", "3", "--no-progress"]) == 0
+        result = json.loads((tmp_path / "ev" / "results.json").read_text())["preference"]
+        assert result["n_pairs"] == len(PAIRS) and result["reference"]
+        assert result["preference_accuracy"]["mean"] == 1.0
         margin = result["reward_margin"]
-        assert margin["low"] > 0 and margin["low"] <= margin["estimate"] <= margin["high"]
-        assert margin["estimate"] == pytest.approx(
-            sum(p["margin"] for p in result["per_pair"]) / len(PAIRS), rel=1e-5)
+        assert 0 < margin["ci_low"] <= margin["mean"] <= margin["ci_high"]
+        per_pair = [json.loads(x) for x in
+                    (tmp_path / "ev" / "pairs.jsonl").read_text().splitlines()]
+        assert margin["mean"] == pytest.approx(
+            sum(p["margin"] for p in per_pair) / len(PAIRS), rel=1e-3)
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     report = json.loads((out / "report.json").read_text())
     assert report["curves"]["records"][-1]["rewards/margins"] == rows[-1]["rewards/margins"]

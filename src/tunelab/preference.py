@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tunelab.data import IGNORE_INDEX, ROLES, DataStats, Record, encode_record
+from tunelab.data import IGNORE_INDEX, DataStats, Record, encode_record, parse_messages
 from tunelab.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -70,34 +70,13 @@ def is_preference(records: Sequence[Record]) -> bool:
     return bool(records) and all(k in records[0].data for k in ANSWERS)
 
 
-def _messages(record: Record, name: str, value: Any) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise DataError("expected a string or a non-empty list of {role, content} messages",
-                        path=record.path, line=record.line, field=name)
-    out = []
-    for i, msg in enumerate(value):
-        where = f"{name}[{i}]"
-        if not isinstance(msg, dict):
-            raise DataError("expected an object with 'role' and 'content'", path=record.path,
-                            line=record.line, field=where)
-        role, content = msg.get("role"), msg.get("content")
-        if role not in ROLES:
-            raise DataError(f"unknown role {role!r}; allowed: {', '.join(ROLES)}",
-                            path=record.path, line=record.line, field=f"{where}.role")
-        if not isinstance(content, str):
-            raise DataError(f"content must be a string, got {type(content).__name__}",
-                            path=record.path, line=record.line, field=f"{where}.content")
-        out.append({"role": role, "content": content})
-    return out
-
-
 def _answer(record: Record, name: str) -> dict[str, str]:
     """The one assistant turn of an explicit-form answer."""
     value = record.data.get(name)
     if isinstance(value, str):
         msg = {"role": "assistant", "content": value}
     else:
-        msgs = _messages(record, name, value)
+        msgs = parse_messages(record, name, value, string_ok=True)
         if len(msgs) != 1 or msgs[0]["role"] != "assistant":
             raise DataError("with a separate 'prompt', an answer is one assistant message "
                             "(or a string)", path=record.path, line=record.line, field=name)
@@ -120,7 +99,7 @@ def to_pair(record: Record) -> tuple[list[dict[str, str]], dict[str, str], dict[
                                 field="prompt")
             messages = [{"role": "user", "content": prompt}]
         else:
-            messages = _messages(record, "prompt", prompt)
+            messages = parse_messages(record, "prompt", prompt, string_ok=True)
             if messages[-1]["role"] == "assistant":
                 raise DataError("the prompt ends with an assistant turn; its last turn is the "
                                 "one the answers reply to (user or system)",
@@ -128,8 +107,8 @@ def to_pair(record: Record) -> tuple[list[dict[str, str]], dict[str, str], dict[
                                 field=f"prompt[{len(messages) - 1}]")
         return messages, _answer(record, "chosen"), _answer(record, "rejected")
     # implicit prompt: two whole conversations sharing all turns but the last
-    chosen = _messages(record, "chosen", record.data["chosen"])
-    rejected = _messages(record, "rejected", record.data["rejected"])
+    chosen = parse_messages(record, "chosen", record.data["chosen"])
+    rejected = parse_messages(record, "rejected", record.data["rejected"])
     for name, conv in (("chosen", chosen), ("rejected", rejected)):
         if conv[-1]["role"] != "assistant":
             raise DataError("the conversation must end with the assistant answer",

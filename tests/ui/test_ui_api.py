@@ -151,6 +151,36 @@ def test_inspect_renders_what_training_sees(make_client, tiny_model_dir, tiny_to
     assert dropped["dropped"] == 1 and dropped["truncated"] == 0
 
 
+def test_inspect_previews_preference_pairs_as_prompt_chosen_rejected(
+        make_client, tiny_model_dir, tiny_tokenizer, tmp_path) -> None:
+    from tunelab import preference
+
+    rows = [{"prompt": f"question {i}: capital of France?", "chosen": "Paris",
+             "rejected": "Tallinn"} for i in range(6)]
+    rows += [{"prompt": "q", "chosen": "same", "rejected": "same"},  # no preference: dropped
+             {"prompt": "q", "chosen": "a"}]                         # line 8: no rejected
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    r = make_client().post("/api/data/inspect", json={"model": str(tiny_model_dir),
+                                                      "data": str(path)}).json()
+    assert r["format"] == "preference" and r["n_errors"] == 1
+    assert r["errors"][0]["line"] == 8 and r["errors"][0]["data_field"] == "rejected"
+    assert r["stats"]["examples"] == 6 and r["stats"]["identical_answers"] == 1
+    assert r["stats"]["dropped"] == 1
+    # each part is tokenized exactly as preference training tokenizes the pair
+    pair = preference.encode_pair(data.read_records(path)[0], tiny_tokenizer)
+    parts = {p["name"]: p for p in r["examples"][0]["parts"]}
+    assert list(parts) == ["prompt", "chosen", "rejected"]
+    for name, ids in (("prompt", pair.prompt), ("chosen", pair.chosen),
+                      ("rejected", pair.rejected)):
+        assert parts[name]["tokens"] == len(ids) == sum(s["tokens"]
+                                                        for s in parts[name]["segments"])
+    assert all(s["masked"] for s in parts["prompt"]["segments"])
+    assert "question 0" in "".join(s["text"] for s in parts["prompt"]["segments"])
+    for name, answer in (("chosen", "Paris"), ("rejected", "Tallinn")):
+        scored = "".join(s["text"] for s in parts[name]["segments"] if not s["masked"])
+        assert scored.startswith(answer) and "<|im_end|>" in scored
+
+
 def test_inspect_marks_every_bad_field(make_client, tmp_path) -> None:
     client = make_client()
     r = client.post("/api/data/inspect", json={"model": str(tmp_path / "nope"),

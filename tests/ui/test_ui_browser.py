@@ -270,3 +270,39 @@ def test_ui_full_flow_on_smollm2(ui_server, tmp_path, artifacts) -> None:
                   if not ("status of 400" in text and urlparse(src).path in provoked)]
     assert unexpected == []
     assert {urlparse(src).path for _, src in console} == provoked
+
+
+def test_ui_previews_preference_pairs(ui_server, tmp_path, tiny_model_dir, artifacts) -> None:
+    """A preference file on the data page: each example as prompt / chosen / rejected, the
+    answers' scored tokens marked (the tiny model: seconds, not the full flow's minutes)."""
+    browser.require_browser()
+    from playwright.sync_api import sync_playwright
+
+    url, _ = ui_server
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(
+        '{"prompt": "Estonia: capital?", "chosen": "Tallinn", "rejected": "Riga"}\n'
+        for _ in range(4)), encoding="utf-8")
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=browser.chromium_path(),
+                                      args=browser.CHROMIUM_ARGS, headless=True)
+        try:
+            page = chromium.new_page(viewport={"width": 1280, "height": 900})
+            page.route("**/*", lambda route: route.abort() if browser.is_external(
+                route.request.url) else route.continue_())
+            page.goto(f"{url}/#data")
+            page.fill("#model", str(tiny_model_dir))
+            page.set_input_files("#upload", str(pairs))
+            _until(page, "document.querySelector('#data-summary').textContent"
+                         ".includes('preference')")
+            first = page.locator("#examples .example.pair").first
+            names = first.locator(".part-name").all_inner_texts()
+            assert [n.split(" ")[0].lower() for n in names] == ["prompt", "chosen", "rejected"]
+            assert "Estonia: capital?" in first.locator(".pair-part.prompt").inner_text()
+            assert first.locator(".pair-part.prompt .tok.trained").count() == 0
+            for part, answer in (("chosen", "Tallinn"), ("rejected", "Riga")):
+                scored = first.locator(f".pair-part.{part} .tok.trained").all_inner_texts()
+                assert "".join(scored).startswith(answer)
+            _shot(page, "data-preference", artifacts)
+        finally:
+            chromium.close()

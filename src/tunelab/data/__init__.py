@@ -280,13 +280,24 @@ def to_messages(record: Record, fmt: str) -> list[dict[str, str]] | None:
                 {"role": "assistant", "content": _text_field(record, "output")}]
     if fmt == "sharegpt":
         return _check_turns(record, _sharegpt_messages(record), "conversations")
-    messages = record.data.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise DataError("expected a non-empty list of {role, content} messages",
-                        path=record.path, line=record.line, field="messages")
+    return _check_turns(record, parse_messages(record, "messages"), "messages")
+
+
+def parse_messages(record: Record, name: str, value: Any = None, *,
+                   string_ok: bool = False) -> list[dict[str, str]]:
+    """``value`` (default: the record's field ``name``) as validated ``{role, content}``
+    messages: the one check every chat field goes through (SFT ``messages``, preference
+    ``prompt``/``chosen``/``rejected``), so a bad turn reads the same wherever it is.
+    ``string_ok``: the caller also takes a plain string there (the error says so)."""
+    if value is None:
+        value = record.data.get(name)
+    if not isinstance(value, list) or not value:
+        either = "a string or " if string_ok else ""
+        raise DataError(f"expected {either}a non-empty list of {{role, content}} messages",
+                        path=record.path, line=record.line, field=name)
     out = []
-    for i, msg in enumerate(messages):
-        where = f"messages[{i}]"
+    for i, msg in enumerate(value):
+        where = f"{name}[{i}]"
         if not isinstance(msg, dict):
             raise DataError("expected an object with 'role' and 'content'", path=record.path,
                             line=record.line, field=where)
@@ -298,7 +309,7 @@ def to_messages(record: Record, fmt: str) -> list[dict[str, str]] | None:
             raise DataError(f"content must be a string, got {type(content).__name__}",
                             path=record.path, line=record.line, field=f"{where}.content")
         out.append({"role": role, "content": content})
-    return _check_turns(record, out, "messages")
+    return out
 
 
 def _sharegpt_messages(record: Record) -> list[dict[str, str]]:

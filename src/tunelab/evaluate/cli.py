@@ -15,6 +15,7 @@ examples:
   tunelab eval --data heldout.jsonl --few-shot 3 --shots-from train.jsonl \\
       --instruction "Reply with JSON only." --metric json_exact --metric json_fields
   tunelab eval --data qa.jsonl --metric contains --metric python:my_scorers.py:score
+  tunelab eval --adapter runs/dpo --data pairs.jsonl   # + preference accuracy, reward margin
 
 metrics: exact, normalized_exact, contains, json_valid, json_valid_extract, json_exact,
   json_fields, json_fields_extract, rouge_l, regex:<pattern>, regex_search:<pattern>,
@@ -62,8 +63,11 @@ def _add_common(p: argparse.ArgumentParser, *, out: str) -> None:
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--preference-data", default=None, metavar="FILE",
+                   help="preference pairs (prompt/chosen/rejected) to score beside --data; a "
+                        "preference file given as --data is scored on both already")
     p.add_argument("--beta", type=float, default=0.1,
-                   help="preference data: beta of the reward margin (default 0.1)")
+                   help="preference pairs: beta of the reward margin (default 0.1)")
 
 
 def add_parsers(subparsers: Any) -> None:
@@ -114,10 +118,12 @@ def _settings(args: argparse.Namespace) -> Any:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature < 0:
         raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.beta <= 0:
+        raise ConfigError(f"--beta must be > 0, got {args.beta}")
     return EvalSettings(metrics=list(args.metric), batch_size=args.batch_size,
                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_p=args.top_p, seed=args.seed, stop=tuple(args.stop),
-                        compute_loss=not args.no_loss)
+                        compute_loss=not args.no_loss, beta=args.beta)
 
 
 def _options(args: argparse.Namespace) -> Any:
@@ -163,47 +169,17 @@ def _split_adapter(item: str) -> tuple[str | None, str]:
     return None, item
 
 
-def _is_preference_file(path: str) -> bool:
-    from tunelab import data, preference
+def _pairs(args: argparse.Namespace) -> list[Any] | None:
+    """``--preference-data``: pairs scored beside a task set (None: the task set's own)."""
+    from tunelab.evaluate.run import load_eval_examples, preference_pairs
 
-    return preference.is_preference(data.read_records(path))
-
-
-def _eval_preference(args: argparse.Namespace) -> int:
-    """Preference data: accuracy (the model prefers chosen) and reward margin, with
-    bootstrap intervals, written to OUT/preference.json."""
-    import json
-
-    from tunelab import adapters, data, models, preference
-    from tunelab.evaluate.preference import preference_metrics
-    from tunelab.packing import use_packed_attention
-
-    spec = args.model or (adapters.adapter_meta(args.adapter).get("base_model")
-                          if args.adapter else None) or "smollm2-135m"
-    model, tokenizer = models.load_model(spec, device=args.device, dtype=args.dtype,
-                                         allow_pickle=args.allow_pickle,
-                                         trust_remote_code=args.trust_remote_code)
-    if args.adapter:
-        model = adapters.load_adapter(model, args.adapter)
-    use_packed_attention(model)
-    records = data.read_records(args.data)[:args.limit]
-    pairs, _ = preference.encode_pairs(records, tokenizer)
-    result = preference_metrics(model, pairs, beta=args.beta, batch_size=args.batch_size,
-                                seed=args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "preference.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(out / "preference.json")
-    acc, margin = result["preference_accuracy"], result["reward_margin"]
-    print(f"{args.adapter or args.model}: {result['n_pairs']} preference pairs from {args.data}")
-    print(f"  {'preference accuracy':<20} {acc['estimate']:.3f} [{acc['low']:.3f}, "
-          f"{acc['high']:.3f}]")
-    ref = "vs the base, adapter off" if result["reference"] else "no reference"
-    print(f"  {'reward margin':<20} {margin['estimate']:.3f} [{margin['low']:.3f}, "
-          f"{margin['high']:.3f}] (beta {args.beta}, {ref})")
-    print(f"results: {out / 'preference.json'}")
-    return 0
+    if not args.preference_data:
+        return None
+    pairs = preference_pairs(load_eval_examples(args.preference_data, limit=args.limit))
+    if not pairs:
+        raise DataError("--preference-data needs prompt/chosen/rejected records (preference "
+                        "pairs)", path=args.preference_data)
+    return pairs
 
 
 # ---------------------------------------------------------------------------- commands
@@ -211,9 +187,6 @@ def _eval_preference(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from tunelab.evaluate.run import PromptStyle, choose_shots, resolve_finetuned, run_eval
-
-    if args.data and _is_preference_file(args.data):
-        return _eval_preference(args)
 
     source = resolve_finetuned(args.adapter) if args.adapter else None
     run_dirs = [source.run_dir] if source is not None and source.run_dir else []
@@ -235,7 +208,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out)
     result = run_eval(model_spec=args.model, adapter=args.adapter, examples=examples,
                       settings=settings, out=out, style=style, options=_options(args),
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, pairs=_pairs(args))
     summary = result.summary(seed=args.seed)
     print(f"{result.name}: {len(result.example_ids)} examples from {label}")
     for name, m in summary["metrics"].items():
@@ -247,6 +220,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if result.field_scores:
         fields = ", ".join(f"{k} {v:.2f}" for k, v in result.field_scores.items())
         print(f"  {'per field':<20} {fields}")
+    if "preference" in summary:
+        pref = summary["preference"]
+        acc, margin = pref["preference_accuracy"], pref["reward_margin"]
+        ref = f"vs {pref['reference']}" if pref["reference"] else "no reference"
+        print(f"  {'preference accuracy':<20} {acc['mean']:.3f} [{acc['ci_low']:.3f}, "
+              f"{acc['ci_high']:.3f}] ({pref['n_pairs']} pairs)")
+        print(f"  {'reward margin':<20} {margin['mean']:.3f} [{margin['ci_low']:.3f}, "
+              f"{margin['ci_high']:.3f}] (beta {pref['beta']}, {ref})")
     print(f"  {'prompt tokens/req':<20} {result.prompt_tokens:.0f}")
     print(f"  {'latency/req':<20} {result.latency_s:.3f} s (batch size {settings.batch_size})")
     print(f"outputs: {out / 'outputs.jsonl'}")
@@ -273,6 +254,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         instruction=args.instruction, system=args.system, finetuned=finetuned,
         forgetting=not args.no_forgetting, options=_options(args),
         progress=not args.no_progress, shot_seed=args.seed, min_gain=args.min_gain,
-        seed=args.seed, data_label=label, shots_label=pool_label)
+        seed=args.seed, data_label=label, shots_label=pool_label, pairs=_pairs(args))
     print_result(result)
     return 0

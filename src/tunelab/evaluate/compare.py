@@ -19,8 +19,12 @@ with the best fine-tuned one through a paired bootstrap interval of the score di
 The forgetting check measures general-text perplexity and a general-knowledge probe on
 the base and on every fine-tuned model (:mod:`tunelab.evaluate.forgetting`).
 
+On preference pairs (the evaluation file itself, or ``pairs`` beside a task set) every row
+also gets preference accuracy and reward margin with intervals
+(:mod:`tunelab.evaluate.preference`), each pair asked with the row's own prompt.
+
 Everything goes to ``out/``: ``report.html`` + ``report.json`` and one readable JSONL of
-outputs per row under ``outputs/``.
+outputs per row under ``outputs/`` (and of pair log-probs, ``outputs/<row>.pairs.jsonl``).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from tunelab.evaluate.run import (
     evaluate_system,
     load_base,
     load_finetuned,
+    preference_columns,
     resolve_metrics,
     write_jsonl,
 )
@@ -120,8 +125,8 @@ def run_compare(examples: list[EvalExample], *, settings: EvalSettings, out: str
                 options: ModelOptions | None = None, progress: bool = True,
                 shot_seed: int = 0, min_gain: float = 0.0, seed: int = 0,
                 title: str | None = None, description: str | None = None,
-                data_label: str | None = None, shots_label: str | None = None
-                ) -> CompareResult:
+                data_label: str | None = None, shots_label: str | None = None,
+                pairs: Sequence[EvalExample] | None = None) -> CompareResult:
     """Evaluate every row on ``examples``, decide, and write the report (module docstring)."""
     start = time.perf_counter()
     options = options or ModelOptions()
@@ -165,7 +170,7 @@ def run_compare(examples: list[EvalExample], *, settings: EvalSettings, out: str
         device = str(next(base.parameters()).device)
         for style in styles:
             evals.append(evaluate_system(base, tokenizer, examples, style, settings,
-                                         metrics=metrics, progress=progress))
+                                         metrics=metrics, progress=progress, pairs=pairs))
         if measure_forgetting:
             general["base"] = measure_general_ability(base, tokenizer,
                                                       batch_size=settings.batch_size,
@@ -178,7 +183,7 @@ def run_compare(examples: list[EvalExample], *, settings: EvalSettings, out: str
             # (up to rounding) without the per-layer LoRA matmuls at every decoding step.
             wrapped.merge_adapter()
             evals.append(_evaluate_finetuned(wrapped, tokenizer, examples, ft, settings,
-                                             metrics, progress))
+                                             metrics, progress, pairs))
             if measure_forgetting:
                 general[ft.name] = measure_general_ability(
                     wrapped, tokenizer, batch_size=settings.batch_size, progress=progress,
@@ -192,7 +197,7 @@ def run_compare(examples: list[EvalExample], *, settings: EvalSettings, out: str
             model, tok = load_finetuned(ft.source, base_spec, options)
             device = str(next(model.parameters()).device)
             evals.append(_evaluate_finetuned(model, tok, examples, ft, settings, metrics,
-                                             progress))
+                                             progress, pairs))
             if measure_forgetting:
                 general[ft.name] = measure_general_ability(
                     model, tok, batch_size=settings.batch_size, progress=progress,
@@ -223,6 +228,8 @@ def run_compare(examples: list[EvalExample], *, settings: EvalSettings, out: str
     out.mkdir(parents=True, exist_ok=True)
     for e in evals:
         write_jsonl(out / "outputs" / f"{slug(e.name)}.jsonl", e.outputs)
+        if e.preference is not None:
+            write_jsonl(out / "outputs" / f"{slug(e.name)}.pairs.jsonl", e.preference.rows())
     from tunelab.report.html import write_report
 
     html_path, json_path = write_report(out, report)
@@ -239,10 +246,11 @@ def _base_bits(source: FinetunedSource) -> int:
 
 def _evaluate_finetuned(model: Any, tokenizer: Any, examples: list[EvalExample],
                         ft: FinetunedSystem, settings: EvalSettings, metrics: list[Any],
-                        progress: bool) -> EvalResult:
+                        progress: bool, pairs: Sequence[EvalExample] | None = None
+                        ) -> EvalResult:
     style = PromptStyle(ft.name, "finetuned")  # prompted exactly as in training
     result = evaluate_system(model, tokenizer, examples, style, settings, metrics=metrics,
-                             progress=progress)
+                             progress=progress, pairs=pairs)
     summary = ft.source.summary
     result.train_time_s = summary.get("train_seconds")
     result.peak_memory_bytes = summary.get("peak_memory_bytes")
@@ -285,9 +293,12 @@ def format_table(evals: Sequence[EvalResult], *, seed: int = 0) -> str:
     headline = evals[0].headline
     extra = [m for m in evals[0].metrics[1:3]]
     has_loss = any(e.loss is not None for e in evals)
+    has_pairs = any(e.preference is not None for e in evals)
     headers = ["system", "kind", f"{headline} [95% CI]", *extra]
     if has_loss:
         headers.append("ref ppl")
+    if has_pairs:
+        headers += ["pref acc [95% CI]", "reward margin [95% CI]"]
     headers += ["prompt tok/req", "latency/req", "train time", "peak memory"]
     kinds = {"zero_shot": "zero-shot", "few_shot": "few-shot", "finetuned": "fine-tuned"}
     rows = []
@@ -297,6 +308,8 @@ def format_table(evals: Sequence[EvalResult], *, seed: int = 0) -> str:
                f"{iv.high:.2f}]", *(f"{e.mean(m):.2f}" for m in extra)]
         if has_loss:
             row.append(f"{e.perplexity:.2f}" if e.perplexity is not None else "-")
+        if has_pairs:
+            row += _preference_cells(e, seed)
         row += [f"{e.prompt_tokens:.0f}", _fmt_latency(e.latency_s),
                 format_duration(e.train_time_s) if e.train_time_s is not None else "-",
                 format_bytes(e.peak_memory_bytes) if e.peak_memory_bytes is not None else "-"]
@@ -310,6 +323,16 @@ def format_table(evals: Sequence[EvalResult], *, seed: int = 0) -> str:
 
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([line(headers), sep, *(line(r) for r in rows)])
+
+
+def _preference_cells(e: EvalResult, seed: int) -> list[str]:
+    if e.preference is None:
+        return ["-", "-"]
+    summary = e.preference.summary(seed=seed)
+    acc, margin = summary["preference_accuracy"], summary["reward_margin"]
+    star = "" if summary["reference"] else "*"  # no reference: beta * log-prob difference
+    return [f"{acc['mean']:.2f} [{acc['ci_low']:.2f}, {acc['ci_high']:.2f}]",
+            f"{margin['mean']:.2f} [{margin['ci_low']:.2f}, {margin['ci_high']:.2f}]{star}"]
 
 
 def _example_rows(evals: Sequence[EvalResult], limit: int = 200) -> list[dict[str, Any]]:
@@ -348,6 +371,7 @@ def build_report(evals: Sequence[EvalResult], systems: Sequence[SystemResult],
         if e.loss is not None:
             row["reference loss"] = e.loss
             row["reference perplexity"] = e.perplexity
+        row.update(preference_columns(e))
         metric_table[e.name] = row
     text = [f"{n} held-out examples" + (f" from {data_label}" if data_label else "")
             + f", base model {base_spec}; the headline metric is {headline}."]
@@ -361,6 +385,14 @@ def build_report(evals: Sequence[EvalResult], systems: Sequence[SystemResult],
                 f"on {device}; fine-tuned rows are prompted exactly as in training (LoRA "
                 "adapters on a 16-bit base merged into the weights, as tunelab merge "
                 "deploys them).")
+    prefs = {e.name: e.preference.summary(seed=seed) for e in evals if e.preference is not None}
+    if prefs:
+        beta = next(iter(prefs.values()))["beta"]
+        text.append(f"Preference accuracy is the share of pairs where the row's model gives the "
+                    f"chosen answer a higher log-probability than the rejected one; the reward "
+                    f"margin is beta ({beta}) times the difference of the two answers' log-prob "
+                    "gains over the base with the adapter off (rows without an adapter: over "
+                    "no reference, beta times the log-prob difference).")
     if curves is not None:
         text.append(f"Loss curves are those of {curves['run']}.")
     if description:
@@ -377,6 +409,8 @@ def build_report(evals: Sequence[EvalResult], systems: Sequence[SystemResult],
     fields = {e.name: e.field_scores for e in evals if e.field_scores}
     if fields:
         report["field_scores"] = fields
+    if prefs:
+        report["preference"] = prefs
     if curves is not None:
         report["curves"] = {"records": curves["records"], "overfit": curves["overfit"]}
     if forgetting is not None:
@@ -420,6 +454,9 @@ def print_result(result: CompareResult, *, file: Any = None) -> None:
 
     print("", file=file)
     print(result.table, file=file)
+    if any(e.preference is not None and not e.preference.reference for e in result.evals):
+        print("* no reference model (no adapter): beta * (log p(chosen) - log p(rejected))",
+              file=file)
     print("", file=file)
     para("verdict", result.verdict.text)
     if result.forgetting is not None:

@@ -25,6 +25,11 @@ requests, at the batch size used: the cost of a request when serving this batch 
 log-likelihood of the reference tokens and the end-of-turn token, per example, so the
 perplexity ``exp(sum nll / sum tokens)`` gets a bootstrap interval over examples.
 
+**Preference data** (``prompt``/``chosen``/``rejected`` records, read and validated as preference
+training reads them, :mod:`tunelab.preference`) is an evaluation set too: the chosen answer is
+the reference of the task metrics, and every system also gets preference accuracy and reward
+margin on the pairs, with the system's own prompt (:mod:`tunelab.evaluate.preference`).
+
 Every example's prompt, reference, prediction and scores are written as one JSON line, so a
 person can read what the model said.
 """
@@ -69,6 +74,7 @@ class EvalExample:
     reference: str
     record: dict[str, Any]
     where: str = ""
+    rejected: str | None = None  # preference data: the answer the model should not prefer
 
     @property
     def question(self) -> str:
@@ -85,6 +91,10 @@ def examples_from_records(records: Sequence[data.Record], fmt: str = "auto"
     """Turn data records into evaluation examples (see the module docstring)."""
     if not records:
         raise DataError("no examples to evaluate")
+    from tunelab import preference
+
+    if preference.is_preference(records):
+        return _pair_examples(records)
     fmt = data.resolve_format(records, fmt)
     if fmt == "text":
         raise DataError("evaluation needs a reference answer per example, but these are plain "
@@ -103,10 +113,36 @@ def examples_from_records(records: Sequence[data.Record], fmt: str = "auto"
         if not any(m["role"] == "user" for m in prompt):
             raise DataError("no user turn before the reference answer, so there is nothing "
                             "to ask the model", path=record.path, line=record.line)
-        ident = record.data.get("id")
-        ident = str(ident) if ident is not None else f"{Path(record.path).name}:{record.line}"
-        out.append(EvalExample(ident, prompt, reference, dict(record.data),
+        out.append(EvalExample(_example_id(record), prompt, reference, dict(record.data),
                                f"{record.path}, line {record.line}"))
+    return out
+
+
+def _example_id(record: data.Record) -> str:
+    ident = record.data.get("id")
+    return str(ident) if ident is not None else f"{Path(record.path).name}:{record.line}"
+
+
+def _pair_examples(records: Sequence[data.Record]) -> list[EvalExample]:
+    """Preference records: prompt, chosen as the reference, rejected kept beside it. Pairs
+    whose answers are identical are dropped and counted, as training drops them."""
+    from tunelab import preference
+
+    out, identical = [], 0
+    for record in records:
+        prompt, chosen, rejected = preference.to_pair(record)
+        if chosen["content"] == rejected["content"]:
+            identical += 1
+            continue
+        out.append(EvalExample(_example_id(record), prompt, chosen["content"],
+                               dict(record.data), f"{record.path}, line {record.line}",
+                               rejected=rejected["content"]))
+    if identical:
+        log.warning("%d preference record(s) left out: chosen and rejected are the same "
+                    "answer", identical)
+    if not out:
+        raise DataError("no preference pair is left: every record's chosen and rejected "
+                        "answers are the same", path=records[0].path)
     return out
 
 
@@ -433,6 +469,7 @@ class EvalSettings:
     stop: tuple[str, ...] = ()
     compute_loss: bool = True
     loss_batch_size: int = 8
+    beta: float = 0.1  # preference data: the reward margin's beta
 
     def generation(self) -> GenerationSettings:
         return GenerationSettings(max_new_tokens=self.max_new_tokens,
@@ -493,6 +530,7 @@ class EvalResult:
     style: dict[str, Any] = field(default_factory=dict)
     train_time_s: float | None = None
     peak_memory_bytes: int | None = None
+    preference: Any | None = None  # evaluate.preference.PreferenceResult on preference data
 
     @property
     def headline(self) -> str:
@@ -541,14 +579,35 @@ class EvalResult:
             out["reference_loss"] = self.loss
             out["reference_perplexity"] = {"mean": ci.estimate, "ci_low": ci.low,
                                            "ci_high": ci.high}
+        if self.preference is not None:
+            out["preference"] = self.preference.summary(seed=seed)
         return out
+
+
+def preference_pairs(examples: Sequence[EvalExample]) -> list[EvalExample]:
+    """The examples that are preference pairs (they have a rejected answer)."""
+    return [ex for ex in examples if ex.rejected is not None]
+
+
+def score_pairs(model: Any, tokenizer: Any, pairs: Sequence[EvalExample], style: PromptStyle,
+                settings: EvalSettings) -> Any:
+    """Preference accuracy and reward margin of one system, each pair asked with the
+    system's own prompt (shots, instruction)."""
+    from tunelab.evaluate.preference import PairPrompt, score_preferences
+
+    prompts = [PairPrompt(ex.id, style.messages(ex), ex.reference, ex.rejected or "", ex.where)
+               for ex in pairs]
+    return score_preferences(model, tokenizer, prompts, beta=settings.beta,
+                             batch_size=settings.loss_batch_size)
 
 
 def evaluate_system(model: Any, tokenizer: Any, examples: Sequence[EvalExample],
                     style: PromptStyle, settings: EvalSettings, *,
-                    metrics: Sequence[Metric] | None = None, progress: bool = True
-                    ) -> EvalResult:
-    """Prompt, generate, score and (optionally) compute the reference loss for one system."""
+                    metrics: Sequence[Metric] | None = None, progress: bool = True,
+                    pairs: Sequence[EvalExample] | None = None) -> EvalResult:
+    """Prompt, generate, score and (optionally) compute the reference loss for one system;
+    on preference pairs (``pairs``, default: the examples that are pairs) their preference
+    accuracy and reward margin too."""
     if not examples:
         raise DataError("no examples to evaluate")
     metrics = list(metrics) if metrics is not None else resolve_metrics(settings.metrics,
@@ -596,12 +655,20 @@ def evaluate_system(model: Any, tokenizer: Any, examples: Sequence[EvalExample],
         rows.append(row)
     field_scores = ({k: sum(v) / len(v) for k, v in field_totals.items()}
                     if field_metric is not None else None)
+    own = pairs is None  # the pairs are the examples: their rows carry the pair's numbers
+    pairs = preference_pairs(examples) if pairs is None else list(pairs)
+    prefs = score_pairs(model, tokenizer, pairs, style, settings) if pairs else None
+    if prefs is not None and own:
+        by_id = {r["id"]: r for r in prefs.rows()}
+        for row in rows:
+            if row["id"] in by_id:
+                row["preference"] = {k: v for k, v in by_id[row["id"]].items() if k != "id"}
     return EvalResult(
         name=style.name, kind=style.kind, metrics=[m.name for m in metrics], scores=scores,
         example_ids=[ex.id for ex in examples], outputs=rows,
         prompt_tokens=sum(o["prompt_tokens"] for o in outs) / len(outs),
         latency_s=gen_seconds / len(outs), generation_seconds=gen_seconds,
-        field_scores=field_scores, nll=nll, style=style.describe())
+        field_scores=field_scores, nll=nll, style=style.describe(), preference=prefs)
 
 
 def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
@@ -783,6 +850,7 @@ def eval_report(result: EvalResult, *, title: str, config: dict[str, Any],
     if result.loss is not None:
         metric_table[result.name]["reference loss"] = result.loss
         metric_table[result.name]["reference perplexity"] = result.perplexity
+    metric_table[result.name].update(preference_columns(result))
     report: dict[str, Any] = {
         "title": title,
         "summary": (f"{len(result.example_ids)} examples; headline metric "
@@ -799,7 +867,18 @@ def eval_report(result: EvalResult, *, title: str, config: dict[str, Any],
     }
     if result.field_scores:
         report["field_scores"] = {result.name: result.field_scores}
+    if result.preference is not None:
+        report["preference"] = {result.name: summary["preference"]}
     return report
+
+
+def preference_columns(result: EvalResult) -> dict[str, float]:
+    """The preference means for a report's all-metrics table (none without pairs)."""
+    if result.preference is None:
+        return {}
+    summary = result.preference.summary()
+    return {"preference accuracy": summary["preference_accuracy"]["mean"],
+            "reward margin": summary["reward_margin"]["mean"]}
 
 
 def _example_row(row: dict[str, Any], metric: str) -> dict[str, Any]:
@@ -809,7 +888,8 @@ def _example_row(row: dict[str, Any], metric: str) -> dict[str, Any]:
 
 def run_eval(*, model_spec: str | None, adapter: str | None, examples: list[EvalExample],
              settings: EvalSettings, out: Path, style: PromptStyle,
-             options: ModelOptions | None = None, progress: bool = True) -> EvalResult:
+             options: ModelOptions | None = None, progress: bool = True,
+             pairs: Sequence[EvalExample] | None = None) -> EvalResult:
     """``tunelab eval``: evaluate one system, write outputs.jsonl, results.json, report."""
     from tunelab.report.html import to_jsonable, write_report
 
@@ -822,12 +902,14 @@ def run_eval(*, model_spec: str | None, adapter: str | None, examples: list[Eval
     else:
         model, tokenizer = load_base(base, options)
     result = evaluate_system(model, tokenizer, examples, style, settings, metrics=metrics,
-                             progress=progress)
+                             progress=progress, pairs=pairs)
     if source is not None:
         result.train_time_s = source.summary.get("train_seconds")
         result.peak_memory_bytes = source.summary.get("peak_memory_bytes")
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "outputs.jsonl", result.outputs)
+    if result.preference is not None:
+        write_jsonl(out / "pairs.jsonl", result.preference.rows())
     config = {"model": base, "adapter": str(source.path) if source else None,
               "data": examples[0].where.rsplit(", line", 1)[0] if examples else None,
               "n_examples": len(examples), **{k: v for k, v in settings.__dict__.items()},

@@ -31,6 +31,9 @@ floats become ``null``. ``report.json`` holds exactly this converted dict.
         train_time_s: float|None, peak_memory_bytes: int|None}]
         (per_example / example_ids may be present; they go to report.json only)
     field_scores: {system name: {field: mean score}}    from metrics.field_means()
+    preference: {system name: {n_pairs, beta, reference: str|None,
+        preference_accuracy: {mean, ci_low, ci_high}, reward_margin: {mean, ci_low, ci_high}}}
+                                    from evaluate.preference.PreferenceResult.summary()
     metric_table: {system name: {metric name: value}}   every metric (and e.g. the
                                     reference loss) per system, one row per system
     curves: {
@@ -351,6 +354,30 @@ def _section_fields(field_scores: Mapping[str, Any]) -> str:
             f"where each field of the reference is reproduced exactly.</p>{table}</section>")
 
 
+def _mean_ci(value: Any) -> str:
+    if not isinstance(value, Mapping):
+        return _DASH
+    return f"{_num(value.get('mean'))} [{_num(value.get('ci_low'))}, {_num(value.get('ci_high'))}]"
+
+
+def _section_preference(prefs: Mapping[str, Any]) -> str:
+    systems = [s for s, v in prefs.items() if isinstance(v, Mapping)]
+    if not systems:
+        return ""
+    rows = [[_e(s), _e(prefs[s].get("n_pairs", _DASH)),
+             _e(_mean_ci(prefs[s].get("preference_accuracy"))),
+             _e(_mean_ci(prefs[s].get("reward_margin"))),
+             _e(prefs[s].get("reference") or "none: beta * log-prob difference")]
+            for s in systems]
+    beta = prefs[systems[0]].get("beta")
+    body = _table(["System", "Pairs", "Preference accuracy [95% CI]",
+                   "Reward margin [95% CI]", "Reference"], rows, numeric=(1, 2, 3))
+    return (f'<section id="preference"><h2>Preference pairs</h2><p class="muted">Share of '
+            f"pairs where the model gives the chosen answer a higher log-probability than the "
+            f"rejected one, and the implicit DPO reward margin (beta {_e(beta)}), each with a "
+            f"bootstrap interval.</p>{body}</section>")
+
+
 def _section_metric_table(table: Mapping[str, Any]) -> str:
     systems = [s for s, v in table.items() if isinstance(v, Mapping)]
     columns: list[str] = []
@@ -538,6 +565,8 @@ def render_html(report: Mapping[str, Any]) -> str:
         parts.append(_section_metric_table(report["metric_table"]))
     if isinstance(report.get("field_scores"), Mapping):
         parts.append(_section_fields(report["field_scores"]))
+    if isinstance(report.get("preference"), Mapping):
+        parts.append(_section_preference(report["preference"]))
     if isinstance(report.get("curves"), Mapping):
         parts.append(_section_curves(report["curves"]))
     if isinstance(report.get("forgetting"), Mapping):

@@ -5,6 +5,10 @@ Everything goes through :mod:`tunelab.data` -- the same reader, format detection
 template rendering and label masking as ``tunelab train`` -- so what the page shows *is*
 what training gets. The one difference: training stops at the first bad record, while this
 collects up to ``max_errors`` of them, so a file can be fixed in one go.
+
+Preference pairs (``prompt``/``chosen``/``rejected``, :mod:`tunelab.preference`) are shown as
+their three parts, each tokenized as preference training tokenizes it: the shared prompt
+(context only) and the two answers with the tokens their log-probabilities are taken over.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ def read_records_all(path: Path, max_errors: int = MAX_ERRORS
     return records, errors, bad
 
 
-def _segments(tokenizer: Any, example: data.Example, max_length: int,
+def _segments(tokenizer: Any, example: data.Example | _Side, max_length: int,
               limit: int = SHOW_TOKENS) -> list[dict[str, Any]]:
     """The example as runs of tokens: ``text`` (decoded, special tokens kept), ``masked``
     (label -100: not trained on), ``cut`` (past max_length, truncated away).
@@ -125,6 +129,12 @@ def inspect_data(path: str | Path, tokenizer: Any, *, fmt: str = "auto",
         return result
     sampled = records[:max_records]
     result["sampled"] = len(records) > max_records
+    from tunelab import preference
+
+    if preference.is_preference(sampled):
+        return _inspect_pairs(result, sampled, tokenizer, max_length=max_length,
+                              overlength=overlength, val_fraction=val_fraction, seed=seed,
+                              show=show, max_errors=max_errors, bad=bad)
 
     # The file's format: forced, or that of its first record (as data.resolve_format);
     # records that do not match it are errors, as they are for training.
@@ -183,22 +193,91 @@ def inspect_data(path: str | Path, tokenizer: Any, *, fmt: str = "auto",
                 "segments": _segments(tokenizer, example, max_length)})
     result["n_errors"] = bad
     if lengths:
-        ordered = sorted(lengths)
-        train_records, val_records = data.split_records(sampled, val_fraction, seed)
-        result["stats"] = {
-            "examples": len(lengths), "min": ordered[0], "max": ordered[-1],
-            "mean": statistics.fmean(lengths), "median": _percentile(ordered, 0.5),
-            "p95": _percentile(ordered, 0.95), "tokens": sum(lengths),
-            "target_tokens": sum(targets), "max_length": max_length,
-            "over_length": over, "overlength": overlength,
-            "truncated": over if overlength == "truncate" else 0,
-            "dropped": (over if overlength == "drop" else 0) + no_targets,
-            # what training will average per example: lengths capped at max_length
-            "mean_trained": statistics.fmean(min(n, max_length) for n in lengths),
-            "train_examples": len(train_records), "val_examples": len(val_records),
-            "histogram": _histogram(lengths),
-        }
+        result["stats"] = _stats(sampled, lengths, targets, max_length=max_length,
+                                 overlength=overlength, over=over, no_targets=no_targets,
+                                 val_fraction=val_fraction, seed=seed)
     return result
+
+
+class _Side:
+    """Tokens and labels of one part of a pair, shaped as ``_segments`` reads examples."""
+
+    def __init__(self, input_ids: list[int], labels: list[int]) -> None:
+        self.input_ids, self.labels = input_ids, labels
+
+
+def _inspect_pairs(result: dict[str, Any], sampled: list[data.Record], tokenizer: Any, *,
+                   max_length: int, overlength: str, val_fraction: float, seed: int,
+                   show: int, max_errors: int, bad: int) -> dict[str, Any]:
+    """The data page's view of preference pairs: prompt / chosen / rejected per example;
+    lengths are prompt + the longer answer (what ``max_length`` bounds in training)."""
+    from tunelab import preference
+
+    result["format"] = "preference"
+    errors = result["errors"]
+    lengths: list[int] = []
+    targets: list[int] = []
+    over = identical = 0
+    for record in sampled:
+        try:
+            pair = preference.encode_pair(record, tokenizer)
+        except DataError as exc:
+            bad += 1
+            if len(errors) < max_errors:
+                errors.append(_error(exc, record.line))
+            continue
+        if pair is None:  # chosen == rejected: no preference, dropped as training drops it
+            identical += 1
+            continue
+        n = len(pair.prompt) + max(len(pair.chosen), len(pair.rejected))
+        lengths.append(n)
+        targets.append(pair.n_targets)
+        if n > max_length:
+            over += 1
+            if overlength == "error":
+                bad += 1
+                if len(errors) < max_errors:
+                    errors.append({"line": record.line, "data_field": None,
+                                   "message": f"pair is {n} tokens (prompt + longer answer), "
+                                   f"over max_length {max_length}; raise max_length or set "
+                                   "overlength: truncate"})
+        if len(result["examples"]) < show:
+            parts = [("prompt", _Side(pair.prompt, [data.IGNORE_INDEX] * len(pair.prompt))),
+                     ("chosen", _Side(pair.chosen, pair.chosen_labels)),
+                     ("rejected", _Side(pair.rejected, pair.rejected_labels))]
+            result["examples"].append({
+                "line": record.line, "record": record.data, "tokens": n,
+                "target_tokens": pair.n_targets, "over_length": n > max_length,
+                "parts": [{"name": name, "tokens": len(side.input_ids),
+                           "segments": _segments(tokenizer, side, 10 ** 9)}
+                          for name, side in parts]})
+    result["n_errors"] = bad
+    if lengths:
+        result["stats"] = _stats(sampled, lengths, targets, max_length=max_length,
+                                 overlength=overlength, over=over, no_targets=identical,
+                                 val_fraction=val_fraction, seed=seed)
+        result["stats"]["identical_answers"] = identical
+    return result
+
+
+def _stats(sampled: list[data.Record], lengths: list[int], targets: list[int], *,
+           max_length: int, overlength: str, over: int, no_targets: int,
+           val_fraction: float, seed: int) -> dict[str, Any]:
+    ordered = sorted(lengths)
+    train_records, val_records = data.split_records(sampled, val_fraction, seed)
+    return {
+        "examples": len(lengths), "min": ordered[0], "max": ordered[-1],
+        "mean": statistics.fmean(lengths), "median": _percentile(ordered, 0.5),
+        "p95": _percentile(ordered, 0.95), "tokens": sum(lengths),
+        "target_tokens": sum(targets), "max_length": max_length,
+        "over_length": over, "overlength": overlength,
+        "truncated": over if overlength == "truncate" else 0,
+        "dropped": (over if overlength == "drop" else 0) + no_targets,
+        # what training will average per example: lengths capped at max_length
+        "mean_trained": statistics.fmean(min(n, max_length) for n in lengths),
+        "train_examples": len(train_records), "val_examples": len(val_records),
+        "histogram": _histogram(lengths),
+    }
 
 
 def _detects(record: data.Record) -> bool:

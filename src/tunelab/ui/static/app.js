@@ -323,9 +323,9 @@ function renderData(r) {
   if (state.info) trainSummary();
 }
 
-function renderExample(ex) {
+function renderTokens(segments) {
   const tokens = el("div", { class: "tokens" });
-  for (const seg of ex.segments) {
+  for (const seg of segments) {
     const cls = seg.cut ? "cut" : seg.masked ? "masked" : "trained";
     const span = el("span", { class: `tok ${cls}`, title: `${seg.tokens} token${seg.tokens > 1 ? "s" : ""}${seg.masked ? ", label -100" : ""}` });
     // newlines are shown as ↵ and then broken, so the template's structure is visible
@@ -336,9 +336,24 @@ function renderExample(ex) {
     });
     tokens.append(span);
   }
+  return tokens;
+}
+
+function renderExample(ex) {
+  if (ex.parts) return renderPair(ex);
   const meta = `line ${ex.line} · ${ex.tokens} tokens, ${ex.target_tokens} trained on` +
     (ex.over_length ? " · longer than the sequence length: the struck-through part is cut" : "");
-  return el("div", { class: "example" }, el("div", { class: "meta", text: meta }), tokens);
+  return el("div", { class: "example" }, el("div", { class: "meta", text: meta }), renderTokens(ex.segments));
+}
+
+// A preference pair: the shared prompt (context), then each answer with the tokens whose
+// log-probabilities DPO / ORPO compare.
+function renderPair(ex) {
+  const meta = `line ${ex.line} · prompt + longer answer ${ex.tokens} tokens, ${ex.target_tokens} answer tokens scored` +
+    (ex.over_length ? " · longer than the sequence length: the prompt's start is cut" : "");
+  const parts = ex.parts.map((part) => el("div", { class: `pair-part ${part.name}` },
+    el("div", { class: "part-name", text: `${part.name} · ${part.tokens} tokens` }), renderTokens(part.segments)));
+  return el("div", { class: "example pair" }, el("div", { class: "meta", text: meta }), ...parts);
 }
 
 function histogram(svg, h, limit) {
