@@ -123,11 +123,12 @@ def test_checkpoint_with_renamed_tensors_goes_through_transformers(tiny_model_di
             (folder / f.name).write_bytes(f.read_bytes())
     tensors = load_file(str(tiny_model_dir / "model.safetensors"))
     save_file({"extra." + k: v for k, v in tensors.items()}, str(folder / "model.safetensors"))
-    empty = loading.empty_model(
-        __import__("transformers").AutoConfig.from_pretrained(folder), torch.float32)
+    from transformers import AutoConfig
+
+    empty = loading.empty_model(AutoConfig.from_pretrained(folder), torch.float32)
     assert not loading.can_stream(folder, empty)
     assert loading.can_stream(tiny_model_dir, loading.empty_model(
-        __import__("transformers").AutoConfig.from_pretrained(tiny_model_dir), torch.float32))
+        AutoConfig.from_pretrained(tiny_model_dir), torch.float32))
 
 
 def _boom(*args, **kwargs):

@@ -229,7 +229,9 @@ def test_a_large_parquet_streams_in_bounded_memory(tmp_path):
     # more than the records alone. Streaming stays below the records alone.
     assert stream["growth"] < records["growth"], (stream, records)
     # and the streamed text examples are the ones encode_record makes row by row
-    tok = __import__("tests.conftest", fromlist=["x"]).build_tiny_tokenizer(tmp_path / "tok")
+    from tests.conftest import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(tmp_path / "tok")
     sample = [data.Record({"text": f"fox {i}"}, "mem", i) for i in range(5)]
     assert ([data.encode_record(r, "text", tok) for r in sample]
             == data._encode_chunk(sample, "text", tok, "completions"))

@@ -44,6 +44,7 @@ class DequantBuffer:
         return flat[:n].view(shape)
 
 
+@functools.cache  # looked up once per (type, dtype), not per matmul
 def _cpu_kernel(quant_type: str, dtype: torch.dtype) -> Any:
     """bitsandbytes' CPU dequantization kernel that writes into a given tensor, if present."""
     try:

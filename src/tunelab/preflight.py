@@ -82,9 +82,9 @@ def _planned_bytes(arch: Any, cfg: TrainConfig, examples: list[Any], steps: int,
                    device: torch.device, rank: int, world: int) -> tuple[int, Any]:
     from tunelab.models import pick_dtype
     from tunelab.plan import plan_run
-    from tunelab.plan.runtime import _DTYPES
+    from tunelab.plan.runtime import dtype_name
 
-    dtype = _DTYPES.get(str(pick_dtype(cfg.dtype, device)), "fp32")
+    dtype = dtype_name(pick_dtype(cfg.dtype, device))
     sharded = world > 1 and (cfg.parallel == "fsdp" or (cfg.parallel == "auto"
                                                         and cfg.method == "full"))
     est, _ = plan_run(arch, cfg, examples, steps, device=device.type, dtype=dtype,

@@ -24,6 +24,11 @@ _OPTIMIZERS = {"adamw": "adamw", "adamw8bit": "adamw8bit", "paged_adamw8bit": "a
 _DTYPES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
 
 
+def dtype_name(dtype: Any) -> str:
+    """The plan's name for a torch dtype (fp32, bf16, fp16); fp32 for anything else."""
+    return _DTYPES.get(str(dtype), "fp32")
+
+
 @dataclass(frozen=True)
 class RunShape:
     """The largest micro-batch a run processed (padding included) and its target count."""
@@ -133,10 +138,10 @@ def run_estimate(model: Any, cfg: Any, examples: Sequence[Any], steps: int, *,
     params = list(model.parameters())
     device = params[0].device.type if params else "cpu"
     # the run's compute dtype, not the embeddings' (k-bit preparation keeps those in fp32)
-    dtype = _DTYPES.get(str(pick_dtype(cfg.dtype, params[0].device)), "fp32") if params \
+    dtype = dtype_name(pick_dtype(cfg.dtype, params[0].device)) if params \
         else "fp32"
     trainable = [p for p in params if p.requires_grad]
-    adapter_dtype = _DTYPES.get(str(trainable[0].dtype), "fp32") if trainable else "fp32"
+    adapter_dtype = dtype_name(trainable[0].dtype) if trainable else "fp32"
     return plan_run(arch, cfg, examples, steps, device=device, dtype=dtype,
                     adapter_dtype=adapter_dtype, rank=rank, world=world, sharded=sharded)
 
@@ -171,5 +176,5 @@ def compare_to_run(model: Any, cfg: Any, measured_peak_bytes: int, examples: Seq
     return line
 
 
-__all__ = ["CALIBRATED_WITHIN", "RunShape", "compare_to_run", "plan_run", "run_estimate",
-           "run_shape"]
+__all__ = ["CALIBRATED_WITHIN", "RunShape", "compare_to_run", "dtype_name", "plan_run",
+           "run_estimate", "run_shape"]
