@@ -38,13 +38,16 @@ def test_sharded_qlora_load_and_step_stay_within_the_plan(tiny_model_dir, tmp_pa
     cmd = [sys.executable, "-m", "tunelab", "train", "--model", str(model), "--data",
            str(data), "--method", "qlora", "--out", str(tmp_path / "run"), "--max-steps", "1",
            "--batch-size", "1", "--max-length", "128", "--device", "cpu", "--no-progress",
-           "val_fraction=0", "grad_ckpt=true", "format=text"]
+           # freed memory returned: the configuration the big-model benchmark meets its
+           # targets with, and one whose peak does not depend on how busy the machine is
+           # (with glibc keeping freed chunks, a loaded 2-core machine measured +17..40%)
+           "val_fraction=0", "grad_ckpt=true", "format=text", "return_freed_memory=on"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     planned = summary["planned_peak_memory_bytes"]
     measured = summary["peak_memory_bytes"]
-    assert measured <= 1.15 * planned, (measured, planned)
+    assert 0.85 * planned <= measured <= 1.15 * planned, (measured, planned)
     # the streaming load holds at most one shard beyond what training holds anyway
     assert summary["load_peak_memory_bytes"] <= (summary["train_peak_memory_bytes"]
                                                  + largest_shard_bytes(model))

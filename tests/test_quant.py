@@ -189,9 +189,10 @@ def test_qlora_on_smollm2_trains_and_holds_quantized_weights_small(tmp_path):
     assert layers["ratio_to_bf16"] <= 0.30, layers
     # the adapter round-trips through plain peft + transformers on a 4-bit base
     folder = models.local_folder(models.resolve_model("smollm2-135m"))
-    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
-        folder, quantization_config=quant.bnb_config(4, torch.float32), device_map={"": "cpu"}),
-        str(result.weights_dir))
+    base = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=quant.bnb_config(4, torch.float32), device_map={"": "cpu"})
+    quant.keep_trainable_layout(base)  # as load_model does: bnb's CPU gemv layout differs
+    plain = PeftModel.from_pretrained(base, str(result.weights_dir))
     ours = adapters.load_adapter(models.load_model("smollm2-135m", device="cpu", bits=4)[0],
                                  result.weights_dir)
     ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 2]])
