@@ -113,36 +113,51 @@ def cli_plan(model: Path, method: str, seq: int, target_fraction: float,
     return int(plan["methods"][method]["memory"]["total"])
 
 
-def train_run(model: Path, method: str, data: Path, work: Path, args: argparse.Namespace
-              ) -> dict[str, Any]:
-    from train_throughput import step_flops
+def run_dir(model: Path, method: str, work: Path, args: argparse.Namespace) -> Path:
+    return work / f"{model.name}-{method}{'-returning' if args.return_freed_memory else ''}"
 
-    out = work / f"{model.name}-{method}{'-returning' if args.return_freed_memory else ''}"
-    reuse = args.reuse and (out / "summary.json").is_file()
-    if not reuse:
-        shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "tunelab", "train", "--model", str(model), "--data", str(data),
-           "--method", method, "--out", str(out), "--max-steps", str(args.steps),
-           "--batch-size", "1", "--max-length", str(args.seq), "--device", "cpu",
-           "--no-progress", "val_fraction=0", "grad_ckpt=true", "lora_r=16", "lora_alpha=32",
-           "format=text",
-           f"return_freed_memory={'on' if args.return_freed_memory else 'off'}"]
-    peak_before = matmul_peak()
-    # --reuse: the figures of a finished run in --work (its matmul peak is measured now)
-    wall = None if reuse else timed(cmd, out.parent / f"{out.name}.log")[0]
-    peak_after = matmul_peak()
-    summary = json.loads((out / "summary.json").read_text())
+
+def train_command(model: Path, method: str, data: Path, out: Path,
+                  args: argparse.Namespace) -> list[str]:
+    """``tunelab train`` as a user would type it for this benchmark's settings."""
+    return [sys.executable, "-m", "tunelab", "train", "--model", str(model), "--data",
+            str(data), "--method", method, "--out", str(out), "--max-steps", str(args.steps),
+            "--batch-size", "1", "--max-length", str(args.seq), "--device", "cpu",
+            "--no-progress", "val_fraction=0", "grad_ckpt=true", "lora_r=16", "lora_alpha=32",
+            "format=text", f"return_freed_memory={'on' if args.return_freed_memory else 'off'}"]
+
+
+def step_times(out: Path) -> tuple[list[dict[str, Any]], int, float]:
+    """The run's steps (``metrics.jsonl``), tokens per step, and the median step time after
+    the first (the first includes warm-up)."""
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     step_s = [(r["tokens"] - (steps[i - 1]["tokens"] if i else 0)) / r["tokens_per_s"]
               for i, r in enumerate(steps)]
-    tokens = steps[-1]["tokens"] // len(steps)
-    steady = statistics.median(step_s[1:] if len(step_s) > 1 else step_s)
-    config = json.loads((model / "config.json").read_text())
-    flops = step_flops(config, [tokens], [tokens - 1], 16)
-    peak = (peak_before + peak_after) / 2
+    return steps, steps[-1]["tokens"] // len(steps), statistics.median(
+        step_s[1:] if len(step_s) > 1 else step_s)
+
+
+def train_run(model: Path, method: str, data: Path, work: Path, args: argparse.Namespace
+              ) -> dict[str, Any]:
+    """Train once in a fresh process, between two matmul-peak measurements; one JSON row."""
+    from train_throughput import step_flops
+
+    out = run_dir(model, method, work, args)
+    reuse = args.reuse and (out / "summary.json").is_file()
+    if not reuse:
+        shutil.rmtree(out, ignore_errors=True)
+    peak_before = matmul_peak()
+    # --reuse: the figures of a finished run in --work (its matmul peak is measured now)
+    wall = None if reuse else timed(train_command(model, method, data, out, args),
+                                    out.parent / f"{out.name}.log")[0]
+    peak_after = matmul_peak()
+    summary = json.loads((out / "summary.json").read_text())
+    steps, tokens, steady = step_times(out)
+    flops = step_flops(json.loads((model / "config.json").read_text()), [tokens],
+                       [tokens - 1], 16)
     measured = summary["peak_memory_bytes"]
     planned = summary.get("planned_peak_memory_bytes")
-    row = {
+    return {
         "shape": model.name, "method": method, "seq": args.seq, "steps": len(steps),
         "return_freed_memory": bool(args.return_freed_memory), "reused_run": reuse,
         "wall_seconds": wall, "load_seconds": summary["load_seconds"],
@@ -151,7 +166,7 @@ def train_run(model: Path, method: str, data: Path, work: Path, args: argparse.N
         "step_seconds": steady, "tokens_per_step": tokens, "tokens_per_s": tokens / steady,
         "step_flops": flops, "achieved_gflops": flops / steady / 1e9,
         "matmul_peak_gflops": [peak_before, peak_after],
-        "share_of_matmul_peak": flops / steady / 1e9 / peak,
+        "share_of_matmul_peak": flops / steady / 1e9 / ((peak_before + peak_after) / 2),
         "planned_peak_rss": planned,
         "plan_error": planned / measured - 1 if planned else None,
         "cli_plan_peak_rss": cli_plan(model, method, tokens, (tokens - 1) / tokens,
@@ -159,9 +174,8 @@ def train_run(model: Path, method: str, data: Path, work: Path, args: argparse.N
         "largest_shard_bytes": _largest_shard(model),
         "quantized_layers": summary.get("quantized_layers"),
         "train_loss": [r["train_loss"] for r in steps],
+        "resident_weights_bytes": summary["memory_parts"]["weights"],
     }
-    row["resident_weights_bytes"] = summary["memory_parts"]["weights"]
-    return row
 
 
 def _largest_shard(model: Path) -> int:
@@ -170,9 +184,9 @@ def _largest_shard(model: Path) -> int:
     return largest_shard_bytes(model)
 
 
-def workflow(model: Path, method: str, work: Path) -> dict[str, Any]:
-    """Generate with the adapter on the 4-bit base, then merge it shard by shard."""
-    adapter = work / f"{model.name}-{method}" / "adapter"
+def workflow(model: Path, run: Path, work: Path) -> dict[str, Any]:
+    """Generate with the run's adapter on the 4-bit base, then merge it shard by shard."""
+    adapter = run / "adapter"
     tl = [sys.executable, "-m", "tunelab"]
     gen_wall, gen_peak = timed([*tl, "generate", "--model", str(model), "--adapter",
                                 str(adapter), "--max-new-tokens", "8", "--device", "cpu",
@@ -237,7 +251,8 @@ def main() -> None:
                 continue
             row = train_run(model, method, data, args.work, args)
             if args.workflow and method == "qlora":
-                row["workflow"] = workflow(model, method, args.work)
+                row["workflow"] = workflow(model, run_dir(model, method, args.work, args),
+                                           args.work)
             key = (row["shape"], method, row["return_freed_memory"])
             results["runs"] = [r for r in results["runs"] if (
                 r["shape"], r["method"], r.get("return_freed_memory", False)) != key] + [row]
