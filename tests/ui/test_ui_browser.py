@@ -306,3 +306,48 @@ def test_ui_previews_preference_pairs(ui_server, tmp_path, tiny_model_dir, artif
             _shot(page, "data-preference", artifacts)
         finally:
             chromium.close()
+
+
+def test_ui_training_page_draws_preference_rewards(ui_server, tmp_path, tiny_model_dir,
+                                                   artifacts) -> None:
+    """A DPO run (trained on the command line into the workspace) on the training page: the
+    reward curves (chosen, rejected, margin) and the last preference accuracy and margin."""
+    browser.require_browser()
+    import json
+
+    from playwright.sync_api import sync_playwright
+
+    from tunelab.config import build_config
+    from tunelab.train import train
+
+    url, _ = ui_server
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(
+        {"prompt": f"Country {i}: capital?", "chosen": "Tallinn", "rejected": "Riga"}) + "\n"
+        for i in range(8)), encoding="utf-8")
+    train(build_config({"model": str(tiny_model_dir), "data": str(pairs),
+                        "out": str(tmp_path / "runs" / "dpo"), "objective": "dpo",
+                        "beta": 0.5, "max_steps": 4, "lr": 5e-3, "batch_size": 4,
+                        "val_fraction": 0, "device": "cpu"}), progress=False)
+    last = json.loads((tmp_path / "runs" / "dpo" / "metrics.jsonl").read_text()
+                      .splitlines()[-1])
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=browser.chromium_path(),
+                                      args=browser.CHROMIUM_ARGS, headless=True)
+        try:
+            page = chromium.new_page(viewport={"width": 1280, "height": 900})
+            page.route("**/*", lambda route: route.abort() if browser.is_external(
+                route.request.url) else route.continue_())
+            page.goto(f"{url}/#train")
+            page.wait_for_selector("#runs tr[data-run=dpo]")
+            page.click("#runs tr[data-run=dpo]")
+            page.wait_for_selector("#reward-chart path.margin", state="attached")
+            assert page.locator("#reward-chart path").count() == 3
+            assert not page.locator("#reward-chart").evaluate(
+                "el => el.classList.contains('hidden')")
+            figures = _text(page, "#run-figures")
+            assert f"preference accuracy{last['rewards/accuracy']:.2f}" in figures.replace(
+                "\n", "")
+            _shot(page, "train-dpo", artifacts)
+        finally:
+            chromium.close()

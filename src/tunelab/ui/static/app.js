@@ -589,8 +589,14 @@ function renderRun(run) {
     fig("peak memory", bytes(run.peak_memory))];
   if (active) figs.push(fig("ETA", duration(run.eta_s)), fig("running for", duration(run.elapsed_s)));
   else if (run.summary && run.summary.train_seconds) figs.push(fig("training time", duration(run.summary.train_seconds)));
+  const last = [...state.metrics].reverse().find((m) => typeof m["rewards/accuracy"] === "number");
+  if (last) {
+    figs.push(fig("preference accuracy", fix(last["rewards/accuracy"], 2)),
+      fig("reward margin", fix(last["rewards/margins"], 3)));
+  }
   $("#run-figures").replaceChildren(...figs);
   lossChart($("#loss-chart"), state.metrics);
+  rewardChart($("#reward-chart"), state.metrics);
   const log = $("#run-log");
   const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
   log.textContent = run.log || "";
@@ -607,21 +613,42 @@ function niceTicks(lo, hi, n = 5) {
   return ticks;
 }
 
+const metricPoints = (metrics, key) =>
+  metrics.filter((m) => typeof m[key] === "number").map((m) => [m.step, m[key]]);
+
 function lossChart(svg, metrics) {
+  lineChart(svg, [
+    { label: "train loss", cls: "train", pts: metricPoints(metrics, "train_loss") },
+    { label: "validation loss", cls: "val", pts: metricPoints(metrics, "val_loss"), dots: true },
+  ], "the loss curves appear here after the first step", false);
+}
+
+// DPO / ORPO runs log rewards/* per step (beta x log-ratio of chosen and rejected answers)
+function rewardChart(svg, metrics) {
+  const margins = metricPoints(metrics, "rewards/margins");
+  svg.classList.toggle("hidden", !margins.length);
+  if (!margins.length) { svg.replaceChildren(); return; }
+  lineChart(svg, [
+    { label: "chosen reward", cls: "val", pts: metricPoints(metrics, "rewards/chosen") },
+    { label: "rejected reward", cls: "train", pts: metricPoints(metrics, "rewards/rejected") },
+    { label: "margin", cls: "margin", pts: margins },
+  ], "", true);
+}
+
+// series: [{label, cls, pts: [[step, value]], dots}]; signed false keeps the y axis >= 0
+function lineChart(svg, series, emptyText, signed) {
   svg.replaceChildren();
   const W = 640, H = 260, L = 52, R = 14, T = 26, B = 34;
-  const train = metrics.filter((m) => typeof m.train_loss === "number").map((m) => [m.step, m.train_loss]);
-  const val = metrics.filter((m) => typeof m.val_loss === "number").map((m) => [m.step, m.val_loss]);
-  const all = train.concat(val);
+  const all = series.flatMap((s) => s.pts);
   if (!all.length) {
-    svg.append(svgEl("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, "the loss curves appear here after the first step"));
+    svg.append(svgEl("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, emptyText));
     return;
   }
   const xs = all.map((p) => p[0]), ys = all.map((p) => p[1]);
   const x0 = Math.min(...xs, 0), x1 = Math.max(...xs, 1);
   let y0 = Math.min(...ys), y1 = Math.max(...ys);
   const pad = (y1 - y0) * 0.08 || 0.1;
-  y0 = Math.max(0, y0 - pad); y1 += pad;
+  y0 = signed ? y0 - pad : Math.max(0, y0 - pad); y1 += pad;
   const x = (v) => L + ((v - x0) / (x1 - x0)) * (W - L - R);
   const y = (v) => H - B - ((v - y0) / (y1 - y0)) * (H - B - T);
   for (const t of niceTicks(y0, y1)) {
@@ -636,14 +663,16 @@ function lossChart(svg, metrics) {
   svg.append(svgEl("line", { class: "axis", x1: L, y1: T, x2: L, y2: H - B }));
   svg.append(svgEl("text", { x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle" }, "step"));
   const path = (pts) => pts.map((p, i) => `${i ? "L" : "M"}${x(p[0]).toFixed(1)},${y(p[1]).toFixed(1)}`).join(" ");
-  if (train.length) svg.append(svgEl("path", { class: "train", d: path(train) }));
-  if (val.length) svg.append(svgEl("path", { class: "val", d: path(val) }));
-  for (const p of val) svg.append(svgEl("circle", { class: "val-dot", cx: x(p[0]), cy: y(p[1]), r: 3.5 }));
-  if (train.length === 1) svg.append(svgEl("circle", { class: "legend-train", cx: x(train[0][0]), cy: y(train[0][1]), r: 3 }));
-  svg.append(svgEl("rect", { class: "legend-train", x: L + 8, y: 8, width: 14, height: 4 }));
-  svg.append(svgEl("text", { x: L + 26, y: 14 }, "train loss"));
-  svg.append(svgEl("rect", { class: "legend-val", x: L + 100, y: 8, width: 14, height: 4 }));
-  svg.append(svgEl("text", { x: L + 118, y: 14 }, "validation loss"));
+  let legendX = L + 8;
+  for (const s of series) {
+    if (s.pts.length) svg.append(svgEl("path", { class: s.cls, d: path(s.pts) }));
+    if (s.dots || s.pts.length === 1) {
+      for (const p of s.pts) svg.append(svgEl("circle", { class: `${s.cls}-dot`, cx: x(p[0]), cy: y(p[1]), r: 3.5 }));
+    }
+    svg.append(svgEl("rect", { class: `legend-${s.cls}`, x: legendX, y: 8, width: 14, height: 4 }));
+    svg.append(svgEl("text", { x: legendX + 18, y: 14 }, s.label));
+    legendX += 30 + 7 * s.label.length;
+  }
 }
 
 async function stopRun() {
