@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="base model (default: the configs')")
     p.add_argument("--sft-steps", type=int, default=None, help="default: sft.yaml's")
     p.add_argument("--dpo-steps", type=int, default=None, help="default: dpo.yaml's")
+    p.add_argument("--dpo-lr", type=float, default=None, help="default: dpo.yaml's")
+    p.add_argument("--beta", type=float, default=None, help="DPO beta (default: dpo.yaml's)")
     p.add_argument("--n-train", type=int, default=None,
                    help="training sentences to sample answers to (default: all)")
     p.add_argument("--n-eval", type=int, default=None,
@@ -237,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     has_val = stats["heldout"]["pairs"] > 0
 
-    dpo_values = config("dpo", out, model=args.model, max_steps=args.dpo_steps)
+    dpo_values = config("dpo", out, model=args.model, max_steps=args.dpo_steps,
+                        lr=args.dpo_lr, beta=args.beta)
     if not has_val:
         dpo_values.pop("val_data")
         dpo_values["val_fraction"] = 0.0
