@@ -207,9 +207,7 @@ print(json.dumps({"growth": hwm() - before, "n": n}))
 def test_a_large_parquet_streams_in_bounded_memory(tmp_path):
     folder = tmp_path / "big"
     folder.mkdir()
-    # 200k rows keep this test near 20 s on 2 shared cores; 1M rows (same code) measured by
-    # hand: see the README's "datasets sources" section
-    n = 200_000
+    n = 1_000_000  # the size: streamed, then held as records, each in a fresh process
     pq.write_table(pa.table({"text": pa.array([f"fox {i % 10}" for i in range(n)])}),
                    folder / "rows.parquet", row_group_size=65_536)
 
