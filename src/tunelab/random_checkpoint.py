@@ -128,7 +128,9 @@ def build_random_checkpoint(folder: str | Path, arch: Arch | str, *, tokenizer: 
             "measurements only.\n")
         if folder.exists():  # an incomplete earlier attempt
             shutil.rmtree(folder)
-        tmp.chmod(0o755)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp made it 0700; a folder as mkdir would make it
         os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
