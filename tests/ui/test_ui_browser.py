@@ -272,6 +272,16 @@ def test_ui_full_flow_on_smollm2(ui_server, tmp_path, artifacts) -> None:
     assert {urlparse(src).path for _, src in console} == provoked
 
 
+def _offline_page(pw):
+    """The system Chromium, headless, and one page whose external requests are aborted."""
+    chromium = pw.chromium.launch(executable_path=browser.chromium_path(),
+                                  args=browser.CHROMIUM_ARGS, headless=True)
+    page = chromium.new_page(viewport={"width": 1280, "height": 900})
+    page.route("**/*", lambda route: route.abort() if browser.is_external(
+        route.request.url) else route.continue_())
+    return chromium, page
+
+
 def test_ui_previews_preference_pairs(ui_server, tmp_path, tiny_model_dir, artifacts) -> None:
     """A preference file on the data page: each example as prompt / chosen / rejected, the
     answers' scored tokens marked (the tiny model: seconds, not the full flow's minutes)."""
@@ -284,12 +294,8 @@ def test_ui_previews_preference_pairs(ui_server, tmp_path, tiny_model_dir, artif
         '{"prompt": "Estonia: capital?", "chosen": "Tallinn", "rejected": "Riga"}\n'
         for _ in range(4)), encoding="utf-8")
     with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=browser.chromium_path(),
-                                      args=browser.CHROMIUM_ARGS, headless=True)
+        chromium, page = _offline_page(pw)
         try:
-            page = chromium.new_page(viewport={"width": 1280, "height": 900})
-            page.route("**/*", lambda route: route.abort() if browser.is_external(
-                route.request.url) else route.continue_())
             page.goto(f"{url}/#data")
             page.fill("#model", str(tiny_model_dir))
             page.set_input_files("#upload", str(pairs))
@@ -332,12 +338,8 @@ def test_ui_training_page_draws_preference_rewards(ui_server, tmp_path, tiny_mod
     last = json.loads((tmp_path / "runs" / "dpo" / "metrics.jsonl").read_text()
                       .splitlines()[-1])
     with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=browser.chromium_path(),
-                                      args=browser.CHROMIUM_ARGS, headless=True)
+        chromium, page = _offline_page(pw)
         try:
-            page = chromium.new_page(viewport={"width": 1280, "height": 900})
-            page.route("**/*", lambda route: route.abort() if browser.is_external(
-                route.request.url) else route.continue_())
             page.goto(f"{url}/#train")
             page.wait_for_selector("#runs tr[data-run=dpo]")
             page.click("#runs tr[data-run=dpo]")
