@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from tunelab import gguf_tensors
 from tunelab.errors import ModelError, TunelabError
 
 log = logging.getLogger(__name__)
@@ -325,23 +326,6 @@ def _write_hparams(writer: Any, config: Any, arch: GgufArch) -> None:
         writer.add_value_length(head_dim)
 
 
-def _load_state(folder: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ModelError(f"{folder} has no *.safetensors weights")
-    state: dict[str, np.ndarray] = {}
-    for file in files:
-        try:
-            state.update(load_file(str(file)))
-        except (TypeError, ValueError):  # bf16 has no numpy dtype: go through torch
-            from safetensors.torch import load_file as load_torch
-
-            state.update({k: v.float().numpy() for k, v in load_torch(str(file)).items()})
-    return state
-
-
 # Token embeddings and the output layer decide every logit: at 4-5 bits llama-quantize keeps
 # them at q6_K, which gguf cannot encode; q8_0 is the nearest type it can.
 KEEP_Q8 = ("token_embd.weight", "output.weight")
@@ -361,25 +345,14 @@ def _types(quant: str) -> tuple[Any, Any]:
     return gguf.GGMLQuantizationType[quant.upper()], gguf.LlamaFileType[file_type]
 
 
-def _encode(data: np.ndarray, qtype: Any) -> tuple[np.ndarray, Any, str]:
-    """``data`` as stored for ``qtype``: (array, raw dtype or None, type name written)."""
-    import gguf
-
-    if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-        return data, None, "f32"  # norms and biases stay f32, as in llama.cpp
-    if qtype == gguf.GGMLQuantizationType.F16:
-        return data.astype(np.float16), None, "f16"
-    if data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
-        # rows not a multiple of the type's block: this tensor stays f16
-        return data.astype(np.float16), None, "f16"
-    return gguf.quants.quantize(data, qtype), qtype, qtype.name.lower()
-
-
 def write_gguf(folder: str | Path, out_file: str | Path, *, quant: str = "f16",
                name: str | None = None, source_gguf: str | None = None,
-               licence: str | None = None) -> dict[str, Any]:
-    """Write the HF checkpoint in ``folder`` (Llama, Qwen2 or Gemma 3) as one GGUF file."""
+               licence: str | None = None, progress: bool = False) -> dict[str, Any]:
+    """Write the HF checkpoint in ``folder`` (Llama, Qwen2 or Gemma 3) as one GGUF file,
+    one tensor at a time (:mod:`tunelab.gguf_tensors`): the tensor table first, from the
+    safetensors headers, then each tensor read, encoded and written on its own."""
     import gguf
+    from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoTokenizer
 
     from tunelab.models import fix_special_tokens
@@ -395,7 +368,10 @@ def write_gguf(folder: str | Path, out_file: str | Path, *, quant: str = "f16",
         config.num_attention_heads
     tied = bool(getattr(config, "tie_word_embeddings", False))
     tok = tokenizer_fields(folder, tokenizer, config.vocab_size, source_gguf)
-    state = _load_state(folder)
+    model_arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch.name)
+    names = gguf.get_tensor_name_map(model_arch, int(config.num_hidden_layers))
+    plan = _plan_tensors(gguf_tensors.checkpoint_tensors(folder), names, quant, tied,
+                         n_vocab=len(tok["tokens"]), model_type=config.model_type)
 
     ftype = _types(quant)[1]
     out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -411,45 +387,74 @@ def write_gguf(folder: str | Path, out_file: str | Path, *, quant: str = "f16",
     writer.add_vocab_size(len(tok["tokens"]))
     _write_hparams(writer, config, arch)
     write_tokenizer(writer, tok)
-
-    model_arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch.name)
-    names = gguf.get_tensor_name_map(model_arch, int(config.num_hidden_layers))
+    for t in plan:
+        writer.add_tensor_info(t.gguf_name, t.layout.stored_shape, t.layout.dtype,
+                               t.layout.nbytes, raw_dtype=t.layout.raw_dtype)
     counts: dict[str, int] = {"f32": 0, quant: 0}
-    written = 0
-    for key in sorted(state, key=_tensor_order):
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in tqdm(plan, desc="writing GGUF", unit="tensor", disable=not progress):
+            data = _gguf_values(gguf_tensors.read_fp32(t.file, t.key), t.key, t.gguf_name,
+                                arch, n_head, n_kv, len(tok["tokens"]))
+            writer.write_tensor_data(gguf_tensors.encode(data, t.layout))
+            counts[t.layout.kind] = counts.get(t.layout.kind, 0) + 1
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)  # never leave a half-written file behind
+        raise
+    writer.close()
+    tmp.replace(out_file)
+    eos = tok["ids"]["eos"]
+    return {"file": str(out_file), "quant": quant, "arch": arch.name, "tensors": len(plan),
+            "types": counts, "bytes": out_file.stat().st_size, "pre_tokenizer": tok["pre"],
+            "chat_template": tok["chat_template"],
+            "eos": tok["tokens"][eos] if eos is not None else None}
+
+
+@dataclass(frozen=True)
+class _PlannedTensor:
+    key: str  # checkpoint name
+    file: Path  # the shard that holds it
+    gguf_name: str
+    layout: gguf_tensors.Layout
+
+
+def _plan_tensors(tensors: dict[str, tuple[Path, tuple[int, ...]]], names: Any, quant: str,
+                  tied: bool, *, n_vocab: int, model_type: str) -> list[_PlannedTensor]:
+    """Which checkpoint tensors are written, under which GGUF name, in which layout, in file
+    order: everything the tensor table needs, from the shapes alone."""
+    plan = []
+    for key in sorted(tensors, key=_tensor_order):
         if key == "lm_head.weight" and tied:
             continue
         if key.endswith(("rotary_emb.inv_freq", ".masked_bias")):
             continue
         gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            raise ModelError(f"no GGUF name for tensor '{key}': not a plain "
-                             f"{config.model_type} checkpoint")
-        data = state[key].astype(np.float32)
-        if arch.permute_qk and key.endswith(("q_proj.weight", "q_proj.bias")):
-            data = llama_permute(data, n_head, n_head)
-        elif arch.permute_qk and key.endswith(("k_proj.weight", "k_proj.bias")):
-            data = llama_permute(data, n_head, n_kv)
-        if arch.norm_shift and key.endswith("norm.weight"):
-            data = data + np.float32(arch.norm_shift)
-        if gguf_name == "token_embd.weight" and data.shape[0] > len(tok["tokens"]):
-            data = data[:len(tok["tokens"])]  # rows no token reaches (Gemma pads to 262208)
-        stored, raw, kind = _encode(data, _types(tensor_quant(gguf_name, quant))[0])
-        writer.add_tensor(gguf_name, stored, raw_dtype=raw)
-        counts[kind] = counts.get(kind, 0) + 1
-        written += 1
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-    tmp.replace(out_file)
-    eos = tok["ids"]["eos"]
-    return {"file": str(out_file), "quant": quant, "arch": arch.name, "tensors": written,
-            "types": counts, "bytes": out_file.stat().st_size, "pre_tokenizer": tok["pre"],
-            "chat_template": tok["chat_template"],
-            "eos": tok["tokens"][eos] if eos is not None else None}
+            raise ModelError(f"no GGUF name for tensor '{key}': not a plain {model_type} "
+                             "checkpoint")
+        file, shape = tensors[key]
+        if gguf_name == "token_embd.weight" and shape[0] > n_vocab:
+            shape = (n_vocab, *shape[1:])  # rows no token reaches (Gemma pads to 262208)
+        qtype = _types(tensor_quant(gguf_name, quant))[0]
+        plan.append(_PlannedTensor(key, file, gguf_name, gguf_tensors.stored_layout(shape, qtype)))
+    return plan
+
+
+def _gguf_values(data: np.ndarray, key: str, gguf_name: str, arch: GgufArch, n_head: int,
+                 n_kv: int, n_vocab: int) -> np.ndarray:
+    """A checkpoint tensor's fp32 values as llama.cpp reads them (see the module docstring)."""
+    if arch.permute_qk and key.endswith(("q_proj.weight", "q_proj.bias")):
+        data = llama_permute(data, n_head, n_head)
+    elif arch.permute_qk and key.endswith(("k_proj.weight", "k_proj.bias")):
+        data = llama_permute(data, n_head, n_kv)
+    if arch.norm_shift and key.endswith("norm.weight"):
+        data = data + np.float32(arch.norm_shift)
+    if gguf_name == "token_embd.weight" and data.shape[0] > n_vocab:
+        data = data[:n_vocab]
+    return data
 
 
 def _tensor_order(key: str) -> tuple[int, int, str]:
@@ -495,14 +500,17 @@ def ollama_modelfile(gguf_name: str, chat_template: str | None, eos: str | None)
 
 def export_model(model_spec: str, *, to: str, out: str | Path, adapter: str | Path | None = None,
                  quant: str = "f16", allow_pickle: bool = False, device: str = "cpu",
-                 name: str | None = None) -> dict[str, Any]:
+                 name: str | None = None, streaming: bool | None = None,
+                 progress: bool = False) -> dict[str, Any]:
     """Export ``model_spec`` (+ ``adapter`` merged in) as an HF folder or a GGUF file.
 
     For GGUF, ``out`` is a ``.gguf`` file or a folder (the file is then named after the model
-    and quant); the Modelfile goes beside the file.
+    and quant); the Modelfile goes beside the file. ``streaming`` merges the adapter shard by
+    shard (:mod:`tunelab.merge_streaming`; default: when the in-memory merge would not fit);
+    the GGUF itself is always written one tensor at a time.
     """
     from tunelab import adapters, models
-    from tunelab.merge import merge_to_checkpoint
+    from tunelab.merge import merge_to_checkpoint, wants_streaming
 
     if to not in ("hf", "gguf"):
         raise TunelabError(f"--to must be hf or gguf, not '{to}'")
@@ -523,9 +531,16 @@ def export_model(model_spec: str, *, to: str, out: str | Path, adapter: str | Pa
         else:
             scratch = Path(tempfile.mkdtemp(prefix=".tunelab-export-"))
             hf_dir = scratch / "merged"
-        if adapter is not None:
+        if adapter is not None and (streaming or (streaming is None
+                                                  and wants_streaming(model_spec))):
+            from tunelab.merge_streaming import merge_streaming
+
+            merge_streaming(models.local_folder(source), adapter, hf_dir, progress=progress)
+            report["merge"] = "streaming"  # no logit check: it needs the whole model
+        elif adapter is not None:
             merged = merge_to_checkpoint(model_spec, adapter, hf_dir, allow_pickle=allow_pickle,
                                          device=device)
+            report["merge"] = "in-memory"
             report["merge_max_abs_logit_diff"] = merged["max_abs_logit_diff"]
         elif to == "hf":
             model, tokenizer = models.load_model(model_spec, device=device, dtype="fp32",
@@ -540,7 +555,7 @@ def export_model(model_spec: str, *, to: str, out: str | Path, adapter: str | Pa
             return report
         file = out if out.suffix.lower() == ".gguf" else out / f"{base_name}-{quant}.gguf"
         info = write_gguf(hf_dir, file, quant=quant, name=base_name, source_gguf=source_gguf,
-                          licence=source.licence_hint)
+                          licence=source.licence_hint, progress=progress)
         modelfile = file.parent / "Modelfile"
         modelfile.write_text(ollama_modelfile(file.name, info["chat_template"], info["eos"]),
                              encoding="utf-8")
@@ -581,13 +596,19 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--name", default=None, help="model name stored in the GGUF")
     p.add_argument("--device", default="cpu")
     p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
+                   help="merge the adapter shard by shard (default: when the model in fp32 "
+                        "would not fit in memory); the GGUF is always written tensor by tensor")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     report = export_model(args.model, to=args.to, out=args.out, adapter=args.adapter,
                           quant=args.quant, allow_pickle=args.allow_pickle, device=args.device,
-                          name=args.name)
+                          name=args.name, streaming=args.streaming, progress=True)
+    if report.get("merge") == "streaming":
+        print("merged adapter shard by shard (no logit check: that would need the whole "
+              "model in memory)")
     if "merge_max_abs_logit_diff" in report:
         print(f"merged adapter (max |logit difference| against base+adapter: "
               f"{report['merge_max_abs_logit_diff']:.2e})")
