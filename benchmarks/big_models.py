@@ -26,8 +26,10 @@ compute on CPU, LoRA r=16 on all linear layers. Recorded, from the run's own
 * the plan: the run's own estimate (``summary.json``) and ``tunelab plan``'s for the same
   shape, side by side with the measured peak.
 
-``--workflow`` adds, on the trained adapter: ``tunelab generate`` on the 4-bit base and
-``tunelab merge --streaming`` into bf16 shards, each with its peak RSS (``/usr/bin/time``).
+``--workflow`` adds, on the trained adapter: ``tunelab generate`` on the 4-bit base,
+``tunelab merge --streaming`` into bf16 shards, ``tunelab export --to gguf`` of the merged
+shards (written tensor by tensor) and ``tunelab serve`` with two adapters on one 4-bit base
+(one chat request each), each with its peak RSS (``/usr/bin/time``).
 Results go to ``benchmarks/results/big_models.json`` (merged with earlier shapes' rows).
 """
 
@@ -185,7 +187,9 @@ def _largest_shard(model: Path) -> int:
 
 
 def workflow(model: Path, run: Path, work: Path) -> dict[str, Any]:
-    """Generate with the run's adapter on the 4-bit base, then merge it shard by shard."""
+    """The rest of the workflow with the run's adapter, each step in a fresh process with its
+    peak RSS: generate on the 4-bit base, merge shard by shard into bf16 shards, write the
+    merged model as GGUF tensor by tensor, serve two adapters on one 4-bit base."""
     adapter = run / "adapter"
     tl = [sys.executable, "-m", "tunelab"]
     gen_wall, gen_peak = timed([*tl, "generate", "--model", str(model), "--adapter",
@@ -198,10 +202,90 @@ def workflow(model: Path, run: Path, work: Path) -> dict[str, Any]:
                                     str(adapter), "--out", str(merged), "--streaming"],
                                    work / f"{model.name}-merge.log")
     merged_bytes = sum(f.stat().st_size for f in merged.glob("*.safetensors"))
-    shutil.rmtree(merged, ignore_errors=True)  # 13-26 GB: the disk is needed for the next
+    # `export --adapter --to gguf` is this merge followed by this writer
+    gguf_file = work / f"{model.name}-merged-f16.gguf"
+    gguf_wall, gguf_peak = timed([*tl, "export", "--model", str(merged), "--to", "gguf",
+                                  "--quant", "f16", "--out", str(gguf_file)],
+                                 work / f"{model.name}-export.log")
+    gguf_bytes = gguf_file.stat().st_size
+    shutil.rmtree(merged, ignore_errors=True)  # 13-26 GB each: the disk is needed next
+    gguf_file.unlink()
     return {"generate": {"seconds": gen_wall, "peak_rss": gen_peak},
             "merge": {"seconds": merge_wall, "peak_rss": merge_peak,
-                      "merged_bytes": merged_bytes}}
+                      "merged_bytes": merged_bytes},
+            "export_gguf": {"seconds": gguf_wall, "peak_rss": gguf_peak, "quant": "f16",
+                            "gguf_bytes": gguf_bytes},
+            "serve_two_adapters": serve_two_adapters(model, adapter, work)}
+
+
+def second_adapter(adapter: Path, out: Path) -> Path:
+    """A second adapter of the same shape: ``adapter`` with its B matrices drawn again (random
+    weights are right for memory; the first adapter's were trained from zero for 2 steps)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(adapter, out)
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    gen = torch.Generator().manual_seed(1)
+    for key, value in weights.items():
+        if "lora_B" in key:
+            weights[key] = torch.randn(value.shape, generator=gen).to(value.dtype) * 0.01
+    save_file(weights, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def serve_two_adapters(model: Path, adapter: Path, work: Path, timeout_s: float = 1800
+                       ) -> dict[str, Any]:
+    """``tunelab serve`` with two adapters on one 4-bit base: one chat request to each, then
+    Ctrl-C; the server's peak RSS from ``/usr/bin/time``."""
+    import signal
+    import socket
+    import urllib.request
+
+    other = second_adapter(adapter, work / f"{model.name}-adapter-b")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = work / f"{model.name}-serve.log"
+    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "tunelab", "serve", "--model",
+           str(model), "--base-bits", "4", "--device", "cpu", "--port", str(port),
+           "--adapter", f"a={adapter}", "--adapter", f"b={other}"]
+    start = time.perf_counter()
+    url = f"http://127.0.0.1:{port}"
+    answers: dict[str, Any] = {}
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env(),
+                                start_new_session=True)
+        try:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"serve exited ({proc.returncode}); see {log}")
+                if time.perf_counter() - start > timeout_s:
+                    raise RuntimeError(f"serve not up after {timeout_s:.0f} s; see {log}")
+                try:
+                    urllib.request.urlopen(f"{url}/health", timeout=5).read()
+                    break
+                except OSError:
+                    time.sleep(2)
+            ready = time.perf_counter() - start
+            for name in ("a", "b"):
+                body = json.dumps({"model": name, "max_tokens": 8, "messages": [
+                    {"role": "user", "content": "Write one sentence about the sea."}]})
+                req = urllib.request.Request(f"{url}/v1/chat/completions", body.encode(),
+                                             {"Content-Type": "application/json"})
+                t0 = time.perf_counter()
+                reply = json.loads(urllib.request.urlopen(req, timeout=900).read())
+                answers[name] = {"seconds": time.perf_counter() - t0,
+                                 "completion_tokens": reply["usage"]["completion_tokens"]}
+        finally:
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(timeout=120)
+    text = log.read_text(errors="replace")
+    kib = next(int(line.split()[-1]) for line in text.splitlines()
+               if "Maximum resident set size" in line)
+    shutil.rmtree(other, ignore_errors=True)
+    return {"ready_seconds": ready, "requests": answers, "peak_rss": kib * 1024}
 
 
 def print_rows(rows: list[dict[str, Any]]) -> None:
@@ -232,7 +316,7 @@ def main() -> None:
         "TUNELAB_BIG_CACHE", Path.home() / ".cache" / "tunelab" / "random")))
     parser.add_argument("--work", type=Path, default=Path("/tmp/tunelab-big"))
     parser.add_argument("--workflow", action="store_true",
-                        help="also generate and merge with each QLoRA adapter")
+                        help="also generate, merge, export and serve each QLoRA adapter")
     parser.add_argument("--json", type=Path, default=RESULTS)
     parser.add_argument("--return-freed-memory", action="store_true",
                         help="train with return_freed_memory: on (glibc returns freed tensors)")

@@ -217,3 +217,41 @@ def test_quantize_saves_loadable_checkpoints_and_measures_each_format(tiny_model
         assert any(quant.is_quantized_linear(m) for m in reloaded.modules())
     table = format_table(rows, double_quant=True)
     assert "bits/param" in table and "saved nf4" in table
+
+
+def test_generation_only_loads_take_bnbs_cpu_layout_where_it_can(tmp_path):
+    """generate/chat/serve let bitsandbytes repack the layers its fused CPU gemv can take
+    (out features a multiple of 32, in features of 64); k/v projections of 16 outputs, and
+    every layer of a model loaded for training, stay in the trainable layout."""
+    from bitsandbytes.functional import has_avx512bf16
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer(tmp_path)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2)).save_pretrained(tmp_path)
+    trainable, _ = models.load_model(str(tmp_path), device="cpu", bits=4)
+    generating, _ = models.load_model(str(tmp_path), device="cpu", bits=4, generation_only=True)
+
+    def fast(model):
+        return {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                if getattr(m, "support_avx512bf16_for_cpu", False)}
+
+    assert fast(trainable) == set()
+    expected = {"q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} if has_avx512bf16() \
+        else set()
+    assert fast(generating) == expected
+    ids = torch.tensor([[5, 17, 33, 60, 12, 7]])
+    with torch.no_grad():
+        a = trainable.eval()(input_ids=ids).logits
+        b = generating.eval()(input_ids=ids).logits
+    repacked = [m for m in generating.modules()
+                if getattr(getattr(m, "weight", None), "quant_state", None) is not None
+                and getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
+    assert len(repacked) == (10 if expected else 0)  # 5 projections x 2 layers
+    # the same model up to the bf16 rounding of the block scales
+    torch.testing.assert_close(b, a, rtol=0, atol=0.05 * float(a.abs().max()))

@@ -166,7 +166,8 @@ def _load_for_inference(args: argparse.Namespace) -> tuple[Any, Any]:
                                          allow_pickle=args.allow_pickle,
                                          trust_remote_code=args.trust_remote_code, bits=bits,
                                          quant_type=meta.get("quant_type", "nf4"),
-                                         double_quant=meta.get("double_quant", True))
+                                         double_quant=meta.get("double_quant", True),
+                                         generation_only=True)
     if args.adapter:
         model = adapters.load_adapter(model, args.adapter)
     return model, tokenizer

@@ -215,6 +215,7 @@ def load_model(
     quant_type: str = "nf4",
     double_quant: bool = True,
     streaming: bool = True,
+    generation_only: bool = False,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` ready for training or generation on the chosen device.
 
@@ -223,6 +224,9 @@ def load_model(
     A local safetensors checkpoint is read shard by shard and quantized as it goes
     (:mod:`tunelab.loading`: no full-precision copy); ``streaming=False``, hub ids and
     checkpoints whose names transformers rewrites go through ``from_pretrained``.
+    ``generation_only`` lets a 4-bit model use bitsandbytes' faster CPU layout for token by
+    token generation (:func:`tunelab.quant.keep_trainable_layout`); such a model must not be
+    trained, merged or evaluated against training afterwards.
     """
     from transformers import AutoTokenizer
 
@@ -254,7 +258,8 @@ def load_model(
     if bits == 4:
         from tunelab.quant import keep_trainable_layout
 
-        keep_trainable_layout(model)  # one 4-bit layout for training, evaluation, serving
+        # one 4-bit layout for training and evaluation; generation may take bnb's faster one
+        keep_trainable_layout(model, generation_only=generation_only)
     model.tunelab_source = source  # so model cards can name what was loaded
     model.tunelab_checkpoint_dtype = checkpoint_dtype(folder)
     return model, tokenizer

@@ -383,7 +383,8 @@ class Engine:
 
         model, tokenizer = models.load_model(model_spec, device=device, dtype=dtype,
                                              allow_pickle=allow_pickle,
-                                             trust_remote_code=trust_remote_code, bits=bits)
+                                             trust_remote_code=trust_remote_code, bits=bits,
+                                             generation_only=True)
         engine = cls(model, tokenizer, base_name=name or default_model_id(model_spec),
                      **engine_kwargs)
         for adapter_name, path in adapters:
