@@ -216,6 +216,23 @@ def test_fsdp_saves_the_one_process_adapter_in_peft_format(fsdp_runs):
         torch.testing.assert_close(two[key], one[key], rtol=1e-3, atol=1e-4)
 
 
+def test_a_sharded_runs_adapter_merges_like_a_one_process_one(fsdp_runs, tiny_model_dir,
+                                                               tmp_path):
+    from safetensors.torch import load_file
+
+    from tunelab.merge import merge_to_checkpoint
+
+    merged = {}
+    for run in ("one", "two"):
+        report = merge_to_checkpoint(str(tiny_model_dir), fsdp_runs[run] / "adapter",
+                                     tmp_path / run)
+        assert report["max_abs_logit_diff"] < 1e-4  # the merge computes base + adapter
+        merged[run] = load_file(str(tmp_path / run / "model.safetensors"))
+    assert sorted(merged["two"]) == sorted(merged["one"])
+    for key, weight in merged["one"].items():  # within the adapters' own difference
+        torch.testing.assert_close(merged["two"][key], weight, rtol=1e-3, atol=1e-4)
+
+
 @pytest.mark.parametrize("fsdp_runs", ["qlora"], indirect=True)
 def test_fsdp_qlora_shards_the_packed_4bit_base(fsdp_runs):
     one = json.loads((fsdp_runs["one"] / "summary.json").read_text())["quantized_layers"]
