@@ -495,7 +495,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
         log.info("reference log-probs: computed once for %d train and %d validation pairs",
                  len(train_set), len(val_set))
         precompute_reference(loss_fn, train_set + val_set, cfg, device)
-    step_fn = wrap_data_parallel(loss_fn, info, device, sharded)
+    step_fn = wrap_data_parallel(loss_fn, info, device, sharded,
+                                 random_init=trainable if cfg.is_lora else None)
     # after sharding: FSDP replaces parameters by sharded DTensors the optimizer must own
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, trainable)
@@ -701,9 +702,14 @@ def _save_checkpoint(out: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
 
 def wrap_data_parallel(loss_fn: TargetLoss, info: dist.DistInfo, device: torch.device,
-                       sharded: bool) -> torch.nn.Module:
+                       sharded: bool, random_init: list[torch.nn.Parameter] | None = None
+                       ) -> torch.nn.Module:
     """DDP (replicated weights, all-reduced gradients) or FSDP2 (weights, gradients and
-    optimizer state sharded over processes, each decoder layer gathered when it runs)."""
+    optimizer state sharded over processes, each decoder layer gathered when it runs).
+
+    ``random_init``: parameters each process initialised from its own generator (LoRA's),
+    which FSDP2 must first take from rank 0; everything read from the checkpoint files is
+    the same on every process already."""
     if not info.enabled:
         return loss_fn
     if sharded:
@@ -715,9 +721,8 @@ def wrap_data_parallel(loss_fn: TargetLoss, info: dist.DistInfo, device: torch.d
         # does not, and would keep rank 0's rows of A in one shard and rank 1's in the
         # other: a model neither process nor a one-process run has. B starts at zero, so
         # the first loss agrees and the losses drift from step 2 on (the drift that kept
-        # LoRA off FSDP). The frozen base is read from the same files everywhere and needs
-        # no broadcast; the trainable weights are small.
-        dist.broadcast_from_rank0([p for p in loss_fn.parameters() if p.requires_grad], info)
+        # LoRA off FSDP). Adapters are small; the base is not broadcast.
+        dist.broadcast_from_rank0(list(random_init or []), info)
         for layer in getattr(loss_fn.backbone, "layers", []):
             fully_shard(layer)
         fully_shard(loss_fn)
