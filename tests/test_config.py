@@ -54,7 +54,9 @@ def test_qlora_implies_4bit_base():
     assert build_config({**BASE, "method": "qlora"}).base_bits == 4
 
 
-def test_fsdp_is_for_full_finetuning():
-    with pytest.raises(ConfigError, match="parallel: fsdp is for method: full"):
-        build_config({**BASE, "parallel": "fsdp"})
-    assert build_config({**BASE, "parallel": "fsdp", "method": "full"}).parallel == "fsdp"
+def test_fsdp_shards_full_lora_and_qlora_but_not_an_8bit_base():
+    for method in ("full", "lora", "qlora"):
+        assert build_config({**BASE, "parallel": "fsdp", "method": method}).parallel == "fsdp"
+    with pytest.raises(ConfigError, match="cannot shard an 8-bit base.*method: qlora"):
+        build_config({**BASE, "parallel": "fsdp", "base_bits": 8})
+    assert build_config({**BASE, "parallel": "ddp", "base_bits": 8}).base_bits == 8

@@ -233,6 +233,11 @@ def latest_checkpoint(out: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
+def read_state(path: Path) -> TrainState:
+    """A checkpoint's counters alone (``state.json``): cheap, before any model loads."""
+    return TrainState(**json.loads((Path(path) / "state.json").read_text())["train"])
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     *, sharded: bool = False, rank: int = 0,
                     device: torch.device | None = None) -> TrainState:

@@ -54,7 +54,7 @@ def _setup_logging(verbose: bool) -> None:
 # ------------------------------------------------------------------------------ train
 
 
-def _launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
+def _launch_torchrun(args: argparse.Namespace, argv: list[str], cfg: Any) -> int:
     """`tunelab train --nproc N ...`: run the same command under torchrun, N processes."""
     import subprocess
 
@@ -75,6 +75,13 @@ def _launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
             continue
         rest.append(item)
     cmd = torchrun_command(args.nproc, rest, passthrough)
+    nodes = next((item.split("=", 1)[1] for item in passthrough
+                  if item.startswith("--nnodes=")), "1")
+    if nodes.isdigit():  # an elastic range (1:4) leaves the count to the processes
+        from tunelab.preflight import check_processes
+
+        # here, not in every process: one error line instead of one per rank
+        check_processes(cfg, args.nproc * int(nodes), Path(cfg.out))
     log.info("launching: %s", " ".join(cmd))
     code = subprocess.call(cmd)
     if code != 0:
@@ -87,11 +94,6 @@ def _launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from tunelab.config import build_config, load_yaml, parse_overrides
-
-    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _launch_torchrun(args, args.raw_argv)
-    from tunelab.memory import fmt_bytes
-    from tunelab.train import train
 
     values: dict[str, Any] = {}
     overrides = []
@@ -118,6 +120,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         values["force"] = True
     cfg = build_config(values, source=args.config_and_overrides[0]
                        if values and args.config_and_overrides else "command line")
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch_torchrun(args, args.raw_argv, cfg)
+    from tunelab.memory import fmt_bytes
+    from tunelab.train import train
+
     result = train(cfg, progress=not args.no_progress)
     if not _is_main_process():
         return 0

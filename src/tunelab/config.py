@@ -122,7 +122,9 @@ class TrainConfig:
     trust_remote_code: bool = False
     resume: bool = False
     force: bool = False  # train even where the plan says the run will not fit in memory
-    # data parallelism under torchrun: auto = FSDP2 for full fine-tuning, DDP for LoRA
+    # data parallelism under torchrun: auto = FSDP2 for full fine-tuning; for LoRA/QLoRA
+    # DDP, or FSDP2 where the plan says a replicated base does not fit
+    # (tunelab.preflight.shard_over_processes)
     parallel: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -232,14 +234,13 @@ def _check_combination(cfg: TrainConfig) -> None:
                           "for an 8-bit base use method: lora with base_bits: 8")
     if cfg.warmup_steps and cfg.warmup_ratio:
         raise ConfigError("set warmup_steps or warmup_ratio, not both")
-    if cfg.parallel == "fsdp" and cfg.method != "full":
-        # Measured: LoRA under FSDP2 drifts from the 1-process losses at step 2 (full
-        # fine-tuning matches); refuse it rather than train something subtly different.
-        raise ConfigError("parallel: fsdp is for method: full; LoRA and QLoRA train with "
-                          "parallel: ddp (or auto), which replicates the frozen base")
-    if cfg.parallel == "fsdp" and cfg.base_bits != 16:
-        raise ConfigError("parallel: fsdp shards an unquantized base; with a quantized base "
-                          "use parallel: ddp (the 4-bit weights are small to replicate)")
+    if cfg.parallel == "fsdp" and cfg.base_bits == 8:
+        # bitsandbytes keeps an 8-bit layer's scales (CB, SCB) on the weight object itself,
+        # which FSDP2 replaces by a plain sharded parameter; the 4-bit layer keeps its
+        # quantization state on the module too (tunelab.dequant.quant_state_of) and shards.
+        raise ConfigError("parallel: fsdp cannot shard an 8-bit base (bitsandbytes keeps its "
+                          "int8 scales on the weight, which FSDP2 replaces); use a 4-bit base "
+                          "(method: qlora) or parallel: ddp")
     if cfg.objective in ("dpo", "orpo") and cfg.beta <= 0:
         raise ConfigError(f"config key 'beta' is {cfg.beta}; it must be > 0 for "
                           f"objective: {cfg.objective}")

@@ -104,8 +104,16 @@ class Dequant4bitLinear(torch.autograd.Function):
         return grad_x, None, grad_bias, None, None
 
 
+def quant_state_of(module: torch.nn.Module) -> Any:
+    """The layer's bitsandbytes ``QuantState``: on its ``Params4bit`` weight, or, once FSDP2
+    has replaced that weight by a plain (sharded, or gathered) parameter of the same packed
+    bytes, on the module, where ``Params4bit(module=...)`` also put it."""
+    state = getattr(module.weight, "quant_state", None)
+    return state if state is not None else getattr(module, "quant_state", None)
+
+
 def _forward(module: torch.nn.Module, buffer: DequantBuffer, x: torch.Tensor) -> torch.Tensor:
-    state = module.weight.quant_state
+    state = quant_state_of(module)
     if state is None or getattr(state, "packing_format_for_cpu", False):
         return type(module).forward(module, x)  # bitsandbytes' own layouts: its own path
     out = Dequant4bitLinear.apply(x, module.weight, module.bias, state, buffer)

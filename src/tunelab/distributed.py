@@ -91,6 +91,19 @@ def all_gather_tensors(local: dict[str, torch.Tensor], info: DistInfo, device: t
     return out
 
 
+def broadcast_from_rank0(tensors: list[torch.Tensor], info: DistInfo) -> None:
+    """Overwrite ``tensors`` on every process with rank 0's values, in place.
+
+    What DDP does to every parameter when it wraps a model, for FSDP2, which does not:
+    ``fully_shard`` keeps each process's own slice of whatever that process holds.
+    """
+    if not info.enabled:
+        return
+    with torch.no_grad():
+        for t in tensors:
+            dist.broadcast(t.data, src=0)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -78,15 +78,86 @@ class _Truncated:
     labels: list[int]
 
 
+def check_processes(cfg: TrainConfig, world: int, out: Path) -> None:
+    """What a run's process count must agree with, checked before anything loads.
+
+    ``parallel: fsdp`` needs at least two processes to shard over. A resumed run must see
+    the checkpoint's global batch, ``world x batch_size`` examples per micro-batch: the data
+    order and every loss depend on it (the checkpoint itself holds full tensors and loads
+    into any number of processes).
+    """
+    if cfg.parallel == "fsdp" and world < 2:
+        raise ConfigError("parallel: fsdp shards the model over processes and this run has "
+                          "one; add --nproc 2 (or more, or launch with torchrun), or set "
+                          "parallel: auto")
+    if not cfg.resume:
+        return
+    from tunelab import checkpoint
+
+    latest = checkpoint.latest_checkpoint(out)
+    if latest is None:
+        return
+    saved = checkpoint.read_state(latest).extra.get("global_batch")
+    check_resume_batch(saved, world, cfg.batch_size, latest)
+
+
+def check_resume_batch(saved: int | None, world: int, batch_size: int, path: Path) -> None:
+    """Refuse to resume checkpoint ``path`` (global batch ``saved``) with ``world``
+    processes of ``batch_size`` examples, naming the setting that would match."""
+    if saved is None or saved == world * batch_size:
+        return
+    where = f"the checkpoint {path} was trained with a global batch of {saved} examples"
+    if saved % world:
+        splits = ", ".join(f"{n} (batch_size {saved // n})" for n in range(1, saved + 1)
+                           if saved % n == 0)
+        raise ConfigError(f"{where}, which {world} processes cannot share equally; resume on "
+                          f"{splits} processes")
+    raise ConfigError(f"{where} per micro-batch; {world} process(es) x batch_size "
+                      f"{batch_size} gives {world * batch_size}. Set batch_size to "
+                      f"{saved // world} to resume on this number of processes.")
+
+
+def shard_over_processes(cfg: TrainConfig, train_set: list[Any], steps: int,
+                         device: torch.device, *, budget: int | None, rank: int = 0,
+                         world: int = 1) -> bool:
+    """Whether the run wraps its model in FSDP2 (sharded) rather than DDP (replicated): the
+    one decision ``tunelab train``, its preflight plan and its closing plan line share.
+
+    ``parallel: fsdp`` / ``ddp`` decide themselves. ``auto``: full fine-tuning shards (its
+    gradients and AdamW state, 3x the weights in fp32, dominate); LoRA and QLoRA replicate
+    (one all-reduce of the small adapter gradients per step, no all-gathers) unless the
+    plan says the replicated run needs more than ``budget`` and the sharded one less. Each
+    process decides on its own plan; the caller makes them agree.
+    """
+    if world < 2 or cfg.parallel == "ddp":
+        return False
+    if cfg.parallel == "fsdp" or cfg.method == "full":
+        return True
+    if budget is None or not train_set:
+        return False
+    arch = model_arch(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if arch is None:
+        return False
+    replicated = _planned_bytes(arch, cfg, train_set, steps, device, rank, world)[0]
+    if replicated <= budget:
+        return False
+    sharded = _planned_bytes(arch, cfg, train_set, steps, device, rank, world, sharded=True)[0]
+    if sharded >= replicated:  # the plan sees no saving (it sizes FSDP per GPU only)
+        return False
+    log.info("parallel: auto chose FSDP: the plan puts a replicated base at %s per process, "
+             "more than the %s available; sharded over %d processes, %s", fmt_bytes(replicated),
+             fmt_bytes(budget), world, fmt_bytes(sharded))
+    return True
+
+
 def _planned_bytes(arch: Any, cfg: TrainConfig, examples: list[Any], steps: int,
-                   device: torch.device, rank: int, world: int) -> tuple[int, Any]:
+                   device: torch.device, rank: int, world: int, sharded: bool = False
+                   ) -> tuple[int, Any]:
     from tunelab.models import pick_dtype
     from tunelab.plan import plan_run
     from tunelab.plan.runtime import dtype_name
 
     dtype = dtype_name(pick_dtype(cfg.dtype, device))
-    sharded = world > 1 and (cfg.parallel == "fsdp" or (cfg.parallel == "auto"
-                                                        and cfg.method == "full"))
     est, _ = plan_run(arch, cfg, examples, steps, device=device.type, dtype=dtype,
                       rank=rank, world=world, sharded=sharded)
     # on CUDA the context is outside what the budget counts
@@ -94,10 +165,11 @@ def _planned_bytes(arch: Any, cfg: TrainConfig, examples: list[Any], steps: int,
 
 
 def _alternatives(arch: Any, cfg: TrainConfig, examples: list[Any], steps: int,
-                  device: torch.device, rank: int, world: int, budget: int) -> list[str]:
+                  device: torch.device, rank: int, world: int, budget: int,
+                  sharded: bool = False) -> list[str]:
     """Changes to the run that the plan says would fit, cheapest in quality first."""
     def size(c: TrainConfig, ex: list[Any] = examples) -> int:
-        return _planned_bytes(arch, c, ex, steps, device, rank, world)[0]
+        return _planned_bytes(arch, c, ex, steps, device, rank, world, sharded)[0]
 
     found = []
     if not cfg.grad_ckpt:
@@ -130,20 +202,22 @@ def _alternatives(arch: Any, cfg: TrainConfig, examples: list[Any], steps: int,
 
 def plan_before_load(cfg: TrainConfig, train_set: list[Any], steps: int,
                      device: torch.device, *, budget: int | None, rank: int = 0,
-                     world: int = 1) -> TrainConfig:
+                     world: int = 1, sharded: bool = False) -> TrainConfig:
     """Size the run before loading; returns ``cfg`` (checkpointing switched on where that
     makes it fit) or raises :class:`RunWontFit`. ``budget`` is what the device can give
     this process (:func:`tunelab.memory.memory_budget_bytes`; ``None``: unknown, no check).
+    ``sharded``: the run wraps in FSDP2 (:func:`shard_over_processes`).
     """
     if budget is None or not train_set:
         return cfg
     arch = model_arch(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if arch is None:
         return cfg
-    planned, est = _planned_bytes(arch, cfg, train_set, steps, device, rank, world)
+    planned, est = _planned_bytes(arch, cfg, train_set, steps, device, rank, world,
+                                 sharded)
     if planned > budget and not cfg.grad_ckpt and cfg.grad_ckpt_auto:
         with_ckpt, est_ckpt = _planned_bytes(arch, replace(cfg, grad_ckpt=True), train_set,
-                                             steps, device, rank, world)
+                                             steps, device, rank, world, sharded)
         log.warning("gradient checkpointing on: the plan puts this run at %s without it, more "
                     "than the %s this %s has available (%s with it). Set grad_ckpt_auto: false "
                     "to keep it off.", fmt_bytes(planned), fmt_bytes(budget), device.type,
@@ -151,7 +225,8 @@ def plan_before_load(cfg: TrainConfig, train_set: list[Any], steps: int,
         cfg, planned, est = replace(cfg, grad_ckpt=True), with_ckpt, est_ckpt
     if planned > budget and device.type == "cpu" and cfg.return_freed_memory == "auto":
         returning, est_returning = _planned_bytes(
-            arch, replace(cfg, return_freed_memory="on"), train_set, steps, device, rank, world)
+            arch, replace(cfg, return_freed_memory="on"), train_set, steps, device, rank, world,
+            sharded)
         if returning < planned:
             log.warning("returning freed memory to the system: the plan puts this run at %s "
                         "with glibc keeping freed tensors, more than the %s available (%s "
@@ -163,7 +238,8 @@ def plan_before_load(cfg: TrainConfig, train_set: list[Any], steps: int,
                  fmt_bytes(budget), device.type, cfg.method)
         return cfg
     parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in est.components().items() if v != 0)
-    alternatives = _alternatives(arch, cfg, train_set, steps, device, rank, world, budget)
+    alternatives = _alternatives(arch, cfg, train_set, steps, device, rank, world, budget,
+                                 sharded)
     advice = ("What the plan says would fit: " + "; ".join(alternatives) + "."
               if alternatives else "Nothing the plan tried fits (qlora, checkpointing, "
               "batch 1, shorter sequences): use a smaller model or a larger device.")

@@ -86,10 +86,14 @@ def keep_trainable_layout(model: torch.nn.Module, *, generation_only: bool = Fal
 
 
 def quantized_weight_bytes(module: torch.nn.Module) -> int:
-    """Bytes a quantized linear really holds: packed weights plus quantization constants."""
+    """Bytes a quantized linear really holds in this process: packed weights (under FSDP2
+    this process's shard of them) plus quantization constants (replicated)."""
+    from tunelab.dequant import quant_state_of
+
     weight = module.weight
-    total = weight.numel() * weight.element_size()
-    state = getattr(weight, "quant_state", None)
+    local = weight.to_local() if hasattr(weight, "to_local") else weight
+    total = local.numel() * local.element_size()
+    state = quant_state_of(module)
     if state is not None:  # 4-bit: absmax (uint8 if nested) + nested fp32 absmax + codebooks
         total += state.absmax.numel() * state.absmax.element_size()
         total += state.code.numel() * state.code.element_size()

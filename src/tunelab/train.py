@@ -433,6 +433,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
     device = dist.local_device(models.pick_device(cfg.device), info)
     out = Path(cfg.out)
     # Everything cheap first (tunelab.preflight): a 7B takes minutes to load.
+    preflight.check_processes(cfg, info.world, out)
     if info.is_main:
         preflight.check_output_writable(out)
     tokenizer = models.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -440,12 +441,18 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
     log.info("data: %d train / %d validation examples; %d truncated, %d dropped (max_length %d)",
              len(train_set), len(val_set), stats.n_truncated, stats.n_dropped, cfg.max_length)
     steps = total_steps(cfg, len(train_set) // info.world)
-    cfg = preflight.plan_before_load(cfg, train_set, steps, device,
-                                     budget=memory_budget_bytes(device), rank=info.rank,
-                                     world=info.world)
+    budget = memory_budget_bytes(device)
+    sharded = preflight.shard_over_processes(cfg, train_set, steps, device, budget=budget,
+                                             rank=info.rank, world=info.world)
+    # every process must wrap the same way; one that needs FSDP decides for all
+    sharded = dist.all_reduce_sum(int(sharded), info, device) > 0
+    cfg = preflight.plan_before_load(cfg, train_set, steps, device, budget=budget,
+                                     rank=info.rank, world=info.world, sharded=sharded)
     if device.type == "cpu" and cfg.return_freed_memory == "on" and not return_freed_memory():
         log.warning("return_freed_memory: on has no effect here (not glibc)")
-    torch.manual_seed(cfg.seed + info.rank)  # dropout differs per process, data order does not
+    # dropout differs per process, data order does not; so does LoRA's random init, which
+    # DDP and wrap_data_parallel replace by rank 0's
+    torch.manual_seed(cfg.seed + info.rank)
     load_start = time.perf_counter()
     model, tokenizer = prepare_model(cfg, device)
     load_seconds = time.perf_counter() - load_start
@@ -488,9 +495,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
         log.info("reference log-probs: computed once for %d train and %d validation pairs",
                  len(train_set), len(val_set))
         precompute_reference(loss_fn, train_set + val_set, cfg, device)
-    sharded = info.enabled and (cfg.parallel == "fsdp" or (cfg.parallel == "auto"
-                                                           and cfg.method == "full"))
-    step_fn = wrap_data_parallel(loss_fn, info, device, sharded)
+    step_fn = wrap_data_parallel(loss_fn, info, device, sharded,
+                                 random_init=trainable if cfg.is_lora else None)
     # after sharding: FSDP replaces parameters by sharded DTensors the optimizer must own
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, trainable)
@@ -504,7 +510,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
     if resume_from is not None:
         state = checkpoint.load_checkpoint(resume_from, model, optimizer, sharded=sharded,
                                            rank=info.rank, device=device)
-        _check_resume_batch(state, global_batch, info)
+        preflight.check_resume_batch(state.extra.get("global_batch"), info.world,
+                                     cfg.batch_size, resume_from)
+        state.extra["global_batch"] = global_batch
         log.info("resumed from %s (step %d)", resume_from, state.step)
     elif cfg.resume:
         log.warning("--resume: no checkpoint in %s, starting from scratch", out)
@@ -669,18 +677,6 @@ def _should_stop(flag: dict[str, bool], info: dist.DistInfo, device: torch.devic
     return flag["flag"]
 
 
-def _check_resume_batch(state: checkpoint.TrainState, global_batch: int,
-                        info: dist.DistInfo) -> None:
-    saved = state.extra.get("global_batch", global_batch)
-    if saved != global_batch:
-        raise ConfigError(
-            f"the checkpoint was trained with a global batch of {saved} examples per "
-            f"micro-batch; {info.world} process(es) x batch_size {global_batch // info.world} "
-            f"gives {global_batch}. Set batch_size to {saved // info.world} to resume "
-            "on this number of processes.")
-    state.extra["global_batch"] = global_batch
-
-
 def _save_checkpoint(out: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                      state: checkpoint.TrainState, cfg: TrainConfig,
                      trainable: list[torch.nn.Parameter], info: dist.DistInfo,
@@ -706,14 +702,27 @@ def _save_checkpoint(out: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
 
 def wrap_data_parallel(loss_fn: TargetLoss, info: dist.DistInfo, device: torch.device,
-                       sharded: bool) -> torch.nn.Module:
+                       sharded: bool, random_init: list[torch.nn.Parameter] | None = None
+                       ) -> torch.nn.Module:
     """DDP (replicated weights, all-reduced gradients) or FSDP2 (weights, gradients and
-    optimizer state sharded over processes, each decoder layer gathered when it runs)."""
+    optimizer state sharded over processes, each decoder layer gathered when it runs).
+
+    ``random_init``: parameters each process initialised from its own generator (LoRA's),
+    which FSDP2 must first take from rank 0; everything read from the checkpoint files is
+    the same on every process already."""
     if not info.enabled:
         return loss_fn
     if sharded:
         from torch.distributed.fsdp import fully_shard
 
+        # Every process seeds its generator with seed + rank (its own dropout masks), so
+        # each drew different random LoRA A matrices when the adapters were attached. DDP
+        # hides this by broadcasting rank 0's parameters when it wraps the model; FSDP2
+        # does not, and would keep rank 0's rows of A in one shard and rank 1's in the
+        # other: a model neither process nor a one-process run has. B starts at zero, so
+        # the first loss agrees and the losses drift from step 2 on (the drift that kept
+        # LoRA off FSDP). Adapters are small; the base is not broadcast.
+        dist.broadcast_from_rank0(list(random_init or []), info)
         for layer in getattr(loss_fn.backbone, "layers", []):
             fully_shard(layer)
         fully_shard(loss_fn)
