@@ -53,3 +53,25 @@ def test_chat_reads_turns_from_stdin(tiny_model_dir, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nquestion\n\n"))
     assert main(["chat", "--model", str(tiny_model_dir), "--max-new-tokens", "3"]) == 0
     assert len(capsys.readouterr().out.splitlines()) >= 1
+
+
+def test_merge_export_and_generate_default_to_the_adapters_recorded_base(tiny_model_dir,
+                                                                         tmp_path, capsys):
+    """Without --model, the base tunelab recorded when it trained the adapter is loaded (not
+    the default SmolLM2, whose shapes would not match)."""
+    import json
+
+    from tests.serve.conftest import make_random_adapter
+
+    adapter = make_random_adapter(tiny_model_dir, tmp_path / "lora", 3, "all-linear", 4)
+    (adapter / "tunelab.json").write_text(json.dumps({"base_model": str(tiny_model_dir),
+                                                      "base_bits": 16}))
+    assert main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert merged["hidden_size"] == 32
+    assert main(["export", "--adapter", str(adapter), "--to", "gguf", "--quant", "f32",
+                 "--out", str(tmp_path / "g.gguf")]) == 0
+    assert (tmp_path / "g.gguf").is_file()
+    assert main(["generate", "--adapter", str(adapter), "--device", "cpu",
+                 "--max-new-tokens", "2", "--raw", "hello"]) == 0
+    capsys.readouterr()

@@ -227,6 +227,21 @@ def adapter_meta(path: str | Path) -> dict[str, Any]:
     return json.loads(file.read_text()) if file.is_file() else {}
 
 
+DEFAULT_BASE = "smollm2-135m"
+
+
+def base_model_for(model: str | None, adapter: str | Path | None) -> str:
+    """The base to load: ``--model`` when given, else the base the adapter was trained on (as
+    tunelab recorded it), else the default model."""
+    if model:
+        return model
+    if adapter is not None:
+        recorded = adapter_meta(adapter).get("base_model")
+        if recorded:
+            return str(recorded)
+    return DEFAULT_BASE
+
+
 def merge_adapter(model: Any) -> torch.nn.Module:
     """Fold every LoRA update into its base weight: ``W = W0 + (alpha/r) B A``."""
     return model.merge_and_unload()

@@ -169,6 +169,7 @@ def _load_for_inference(args: argparse.Namespace) -> tuple[Any, Any]:
     # An adapter trained on a quantized base runs on the same quantized base by default.
     meta = adapters.adapter_meta(args.adapter) if args.adapter else {}
     bits = args.base_bits or meta.get("base_bits", 16)
+    args.model = adapters.base_model_for(args.model, args.adapter)
     model, tokenizer = models.load_model(args.model, device=args.device, dtype=args.dtype,
                                          allow_pickle=args.allow_pickle,
                                          trust_remote_code=args.trust_remote_code, bits=bits,
@@ -181,7 +182,8 @@ def _load_for_inference(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="alias, folder, GGUF file or hub id")
+    p.add_argument("--model", default=None, help="alias, folder, GGUF file or hub id (default: "
+                   "the adapter's base as recorded in training, else smollm2-135m)")
     p.add_argument("--adapter", default=None, help="LoRA adapter folder (or a run directory)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
@@ -268,8 +270,10 @@ def models_folder(spec: str) -> str:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from tunelab.adapters import base_model_for
     from tunelab.merge import merge_to_checkpoint, wants_streaming
 
+    args.model = base_model_for(args.model, args.adapter)
     if args.streaming or (args.streaming is None and wants_streaming(args.model)):
         from tunelab.merge_streaming import merge_streaming
 
@@ -292,7 +296,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def _add_merge(sub: Any) -> None:
     p = sub.add_parser("merge", help="fold an adapter into its base, save an HF checkpoint")
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default=None,
+                   help="the base (default: the adapter's base as recorded in training)")
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu")

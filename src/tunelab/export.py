@@ -588,7 +588,8 @@ def add_parser(subparsers: Any) -> None:
                "--out out/a.gguf\n"
                "  tunelab export --model smollm2-135m --adapter runs/a --to hf --out out/a-hf",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m", help="alias, folder, GGUF file or hub id")
+    p.add_argument("--model", default=None, help="alias, folder, GGUF file or hub id (default: "
+                   "the adapter's base as recorded in training, else smollm2-135m)")
     p.add_argument("--adapter", default=None, help="LoRA adapter folder or run directory")
     p.add_argument("--to", required=True, choices=("hf", "gguf"))
     p.add_argument("--quant", default="f16", choices=QUANTS, help="GGUF weight type")
@@ -603,7 +604,10 @@ def add_parser(subparsers: Any) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    report = export_model(args.model, to=args.to, out=args.out, adapter=args.adapter,
+    from tunelab.adapters import base_model_for
+
+    report = export_model(base_model_for(args.model, args.adapter), to=args.to, out=args.out,
+                          adapter=args.adapter,
                           quant=args.quant, allow_pickle=args.allow_pickle, device=args.device,
                           name=args.name, streaming=args.streaming, progress=True)
     if report.get("merge") == "streaming":
