@@ -160,9 +160,12 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def model_card(*, base_model: str, licence: str | None, data: str, method: str,
-               hyperparameters: dict[str, Any], metrics: dict[str, Any]) -> str:
+def model_card(*, base_model: str, licence: str | None, data: str | list[dict[str, Any]],
+               method: str, hyperparameters: dict[str, Any], metrics: dict[str, Any]) -> str:
     """A README.md in the Hugging Face model-card style (YAML front matter + text)."""
+    from tunelab.data.mixture import describe
+
+    data = describe(data)  # a mixture: every source with its weight
     front = ["---", f"base_model: {base_model}", "library_name: peft",
              f"license: {licence or 'unknown'}", "tags:", "- tunelab", f"- {method}", "---"]
     hp = "\n".join(f"| {k} | {v} |" for k, v in hyperparameters.items())

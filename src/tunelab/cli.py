@@ -93,7 +93,7 @@ def _launch_torchrun(args: argparse.Namespace, argv: list[str], cfg: Any) -> int
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from tunelab.config import build_config, load_yaml, parse_overrides
+    from tunelab.config import build_config, parse_overrides
 
     values: dict[str, Any] = {}
     overrides = []
@@ -103,17 +103,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         elif values:
             raise TunelabError(f"more than one config file given ('{item}')")
         else:
-            values = load_yaml(item)
-            if "data" in values and not Path(values["data"]).is_absolute():
-                # Paths in a config file are relative to the file, so examples run from anywhere.
-                candidate = Path(item).parent / values["data"]
-                if candidate.exists():
-                    values["data"] = str(candidate)
+            values = _config_file(item)
     values.update(parse_overrides(overrides))
     for flag, (key, _) in TRAIN_FLAGS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
-            values[key] = value
+            values[key] = _data_flag(value) if flag == "--data" else value
     if args.resume:
         values["resume"] = True
     if args.force:
@@ -143,12 +138,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 130 if result.interrupted else 0
 
 
+def _config_file(path: str) -> dict[str, Any]:
+    """A config file's settings, its data paths taken relative to the file (so examples run
+    from anywhere)."""
+    from tunelab.config import load_yaml, resolve_data_paths
+
+    values = load_yaml(path)
+    resolve_data_paths(values, path)
+    return values
+
+
+def _data_flag(values: list[str]) -> str | list[str]:
+    """``--data`` given once without a weight is one source; otherwise each ``FILE[:WEIGHT]``
+    is a source of a mixture (checked by tunelab.config)."""
+    from tunelab.config import split_weight
+
+    if len(values) == 1 and split_weight(values[0])[1] is None:
+        return values[0]
+    return list(values)
+
+
 def _add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="fine-tune a model (LoRA, QLoRA or full)",
                        description="tunelab train [CONFIG.yaml] [key=value ...] [flags]")
     p.add_argument("config_and_overrides", nargs="*", metavar="CONFIG.yaml | key=value")
     for flag, (_, typ) in TRAIN_FLAGS.items():
-        p.add_argument(flag, type=typ, default=None)
+        if flag == "--data":  # repeated: a weighted mixture, --data a.jsonl:0.8 --data b.jsonl:0.2
+            p.add_argument(flag, type=typ, default=None, action="append",
+                           help="training data; repeat as FILE:WEIGHT for a mixture")
+        else:
+            p.add_argument(flag, type=typ, default=None)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--force", action="store_true",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -53,7 +54,9 @@ class TrainConfig:
 
     # what to train
     model: str = "smollm2-135m"
-    data: str = ""
+    # one source (a file, hf:NAME, a folder), or a weighted mixture: a list of
+    # {path, weight, name, format, columns, split} (tunelab.data.mixture)
+    data: str | list[dict[str, Any]] = ""
     val_data: str | None = None
     val_fraction: float = 0.1
     split: str = "train"  # the split of a `datasets` source (hf:NAME, a save_to_disk folder)
@@ -143,6 +146,8 @@ KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "extra
 
 def _coerce(key: str, value: Any) -> Any:
     """Check (and, for strings from the command line, convert) one value against its type."""
+    if key == "data":
+        return _coerce_data(value)
     hint = _HINTS[key]
     text = value if isinstance(value, str) else None
     if hint is bool:
@@ -202,6 +207,101 @@ def _coerce(key: str, value: Any) -> Any:
     return value
 
 
+# the keys of one source of a mixture; all but path are optional
+SOURCE_KEYS = ("path", "weight", "name", "format", "columns", "split")
+
+
+def split_weight(text: str) -> tuple[str, float | None]:
+    """``"a.jsonl:0.8"`` -> ``("a.jsonl", 0.8)`` (the CLI form of a mixture source);
+    ``"a.jsonl"`` and ``"hf:org/name"`` -> ``(text, None)``. What follows the last ``:`` is
+    a weight only when it reads as a number and the whole text is not an existing path."""
+    head, sep, tail = text.rpartition(":")
+    if not sep or not head or Path(text).expanduser().exists():
+        return text, None
+    try:
+        return head, float(tail)
+    except ValueError:
+        return text, None
+
+
+def _source_name(path: str) -> str:
+    """The default name of a source: its file stem, or the last part of an ``hf:`` id."""
+    if path.startswith("hf:"):
+        return path[3:].rstrip("/").rsplit("/", 1)[-1] or "hf"
+    p = Path(path)
+    return p.stem if p.suffix else p.name
+
+
+def _coerce_source(index: int, item: Any) -> dict[str, Any]:
+    """One source of a mixture, checked: path exists, weight > 0, known keys only."""
+    if isinstance(item, str):
+        path, weight = split_weight(item)
+        item = {"path": path} if weight is None else {"path": path, "weight": weight}
+    if not isinstance(item, dict):
+        raise ConfigError(f"data[{index}] must be a mapping {{path: FILE, weight: W}} or "
+                          f"'FILE:W', got {item!r}")
+    path = item.get("path")
+    where = f"data[{index}] ({path})" if isinstance(path, str) and path else f"data[{index}]"
+    unknown = [k for k in item if k not in SOURCE_KEYS]
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{unknown[0]}'; a source takes "
+                          f"{', '.join(SOURCE_KEYS)}")
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{where}: no 'path'; write e.g. {{path: general.jsonl, weight: 0.2}}")
+    if not path.startswith("hf:") and not Path(path).expanduser().exists():
+        raise ConfigError(f"{where}: file not found: {path}")
+    weight = item.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+            or not math.isfinite(weight) or weight <= 0:
+        raise ConfigError(f"{where}: weight is {weight!r}; it must be a number > 0 (weights "
+                          "are relative: 0.8 and 0.2, or 4 and 1)")
+    out: dict[str, Any] = {"path": path, "weight": float(weight)}
+    for key in ("name", "format", "columns", "split"):
+        if key in item:
+            if not isinstance(item[key], str) or not item[key]:
+                raise ConfigError(f"{where}: '{key}' must be a non-empty string, "
+                                  f"got {item[key]!r}")
+            out[key] = item[key]
+    if out.get("format", "auto") not in CHOICES["format"]:
+        raise ConfigError(f"{where}: format is {out['format']!r}; allowed: "
+                          f"{', '.join(CHOICES['format'])}")
+    if "columns" in out:
+        from tunelab.data.sources import parse_columns
+
+        try:
+            parse_columns(out["columns"])
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    return out
+
+
+def _coerce_data(value: Any) -> str | list[dict[str, Any]]:
+    """``data``: a string (one source, as given), or a list of sources (a mixture), each
+    checked by :func:`_coerce_source`; default names are made unique (``a``, ``a-2``)."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise ConfigError("config key 'data' must be a file (or hf:NAME, a folder) or a list "
+                          f"of sources [{{path: FILE, weight: W}}, ...], got {value!r}")
+    if not value:
+        raise ConfigError("no training data: 'data' is an empty list")
+    sources = [_coerce_source(i, item) for i, item in enumerate(value)]
+    given = [s["name"] for s in sources if "name" in s]
+    dupes = sorted({n for n in given if given.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"data: two sources are named {dupes[0]!r}; give each a unique name")
+    taken = set(given)
+    for source in sources:
+        if "name" not in source:
+            base = name = _source_name(source["path"])
+            k = 2
+            while name in taken:
+                name, k = f"{base}-{k}", k + 1
+            source["name"] = name
+            taken.add(name)
+    return sources
+
+
 def _check_value(key: str, value: Any) -> None:
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"config key '{key}' is {value!r}; allowed: {', '.join(CHOICES[key])}")
@@ -218,6 +318,9 @@ def _check_combination(cfg: TrainConfig) -> None:
     from tunelab.data.sources import parse_columns
 
     parse_columns(cfg.columns)  # a malformed mapping fails here, before any model loads
+    if isinstance(cfg.data, list) and cfg.objective != "sft":
+        raise ConfigError(f"a data mixture (a list under 'data') trains with objective: sft; "
+                          f"objective: {cfg.objective} takes one file of preference pairs")
     from tunelab.trackers import check_installed, parse_report_to
 
     check_installed(parse_report_to(cfg.report_to))  # a missing library: one error line
@@ -273,6 +376,26 @@ def build_config(values: dict[str, Any], *, source: str = "config") -> TrainConf
         setattr(cfg, key, coerced)
     _check_combination(cfg)
     return cfg
+
+
+def resolve_data_paths(values: dict[str, Any], config_file: str | Path) -> None:
+    """Paths in a config file are relative to the file, so examples run from anywhere: a
+    relative ``data`` path (or each source's ``path``) that exists next to the file is
+    rewritten to that file."""
+    folder = Path(config_file).parent
+
+    def resolve(path: Any) -> Any:
+        if not isinstance(path, str) or Path(path).is_absolute() or path.startswith("hf:"):
+            return path
+        candidate = folder / path
+        return str(candidate) if candidate.exists() else path
+
+    data = values.get("data")
+    if isinstance(data, list):
+        values["data"] = [{**s, "path": resolve(s.get("path"))} if isinstance(s, dict)
+                          else s for s in data]
+    elif data is not None:
+        values["data"] = resolve(data)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

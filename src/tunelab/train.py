@@ -38,6 +38,7 @@ from safetensors import SafetensorError
 from tunelab import adapters, checkpoint, data, models, preference, preflight, trackers
 from tunelab import distributed as dist
 from tunelab.config import TrainConfig, save_config
+from tunelab.data import mixture
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.loss import TargetLoss, unwrap
 from tunelab.memory import (
@@ -437,7 +438,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
     if info.is_main:
         preflight.check_output_writable(out)
     tokenizer = models.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    train_set, val_set, stats = load_datasets(cfg, tokenizer)
+    mix = mixture.load_mixture(cfg, tokenizer) if mixture.is_mixture(cfg.data) else None
+    train_set, val_set, stats = mix.datasets() if mix else load_datasets(cfg, tokenizer)
     log.info("data: %d train / %d validation examples; %d truncated, %d dropped (max_length %d)",
              len(train_set), len(val_set), stats.n_truncated, stats.n_dropped, cfg.max_length)
     steps = total_steps(cfg, len(train_set) // info.world)
@@ -503,7 +505,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     global_batch = cfg.batch_size * info.world
     lengths = [len(e.input_ids) for e in train_set] if cfg.group_by_length else None
-    schedule = data.BatchSchedule(len(train_set), global_batch, cfg.seed, lengths)
+    schedule = (mix.schedule(global_batch, cfg.seed, cfg.group_by_length) if mix else
+                data.BatchSchedule(len(train_set), global_batch, cfg.seed, lengths))
 
     state = checkpoint.TrainState(extra={"global_batch": global_batch})
     resume_from = checkpoint.latest_checkpoint(out) if cfg.resume else None
@@ -574,8 +577,12 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
             }
             if val_set and cfg.eval_every and (state.step % cfg.eval_every == 0
                                                or state.step == steps):
-                last_val_loss, val_metrics = validate(loss_fn, val_set, cfg, pad_id, device,
-                                                      info)
+                if mix is not None:  # per source too: val_loss/<source name>
+                    last_val_loss, val_metrics = mix.validate(lambda part: validate(
+                        loss_fn, part, cfg, pad_id, device, info)[0], info.world)
+                else:
+                    last_val_loss, val_metrics = validate(loss_fn, val_set, cfg, pad_id,
+                                                          device, info)
                 record["val_loss"] = last_val_loss
                 record.update({f"val_{k}": v for k, v in val_metrics.items()})
                 if state.best_val_loss is None or last_val_loss < state.best_val_loss:
@@ -641,6 +648,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
                    "train_peak_memory_bytes": train_peak if train_peak_known else None,
                    "licence": {"id": licence.id, "category": licence.category,
                                "summary": licence.summary, "source": licence.source}}
+        if mix is not None:
+            summary["sources"] = mix.summary(schedule, state.step * cfg.grad_accum)
         if cfg.base_bits != 16:
             from tunelab.quant import quantized_layer_memory
 

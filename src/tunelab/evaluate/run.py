@@ -773,10 +773,18 @@ def run_splits(run_dir: Path) -> tuple[list[data.Record], list[data.Record], str
         raise DataError(f"{run_dir} has no run_config.json, so its data split is unknown; "
                         "pass --data (and --shots-from)")
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    records = data.read_records(cfg["data"])
-    if cfg.get("val_data"):
-        train, val = records, data.read_records(cfg["val_data"])
+    if isinstance(cfg["data"], list):  # a mixture: each source split as training split it
+        from tunelab.data.mixture import split_source_records
+
+        fraction = 0.0 if cfg.get("val_data") else float(cfg.get("val_fraction", 0.1))
+        train, val = split_source_records(cfg["data"], fraction, int(cfg.get("seed", 0)),
+                                          cfg.get("split", "train"), cfg.get("columns", ""))
+        if cfg.get("val_data"):
+            val = data.read_records(cfg["val_data"])
+    elif cfg.get("val_data"):
+        train, val = data.read_records(cfg["data"]), data.read_records(cfg["val_data"])
     else:
+        records = data.read_records(cfg["data"])
         train, val = data.split_records(records, float(cfg.get("val_fraction", 0.1)),
                                         int(cfg.get("seed", 0)))
     if not val:

@@ -39,6 +39,8 @@ floats become ``null``. ``report.json`` holds exactly this converted dict.
     curves: {
         records: [{step: int, train_loss: float|None, val_loss: float|None, ...}],
         overfit: OverfitFlag | {detected, start_step, best_step, best_val_loss, message}}
+    sources: [{name, path, weight, share, train_examples, val_examples, rows_per_epoch,
+               rows, tokens, ...}]   a data mixture's sources (summary.json "sources")
     forgetting: ForgettingSummary | {
         items: [{name, before, after, delta, ci_low, ci_high, higher_is_better,
                  flagged, message}],
@@ -130,6 +132,11 @@ svg .series-val { stroke: var(--val); fill: var(--val); }
 svg polyline.series-val { fill: none; stroke-width: 2; }
 svg line.series-train, svg line.series-val { stroke-width: 3; }
 svg .series-margin { stroke: var(--ok); fill: var(--ok); }
+svg .series-src0 { stroke: #7b4fb5; fill: #7b4fb5; }
+svg .series-src1 { stroke: #2e9a9a; fill: #2e9a9a; }
+svg .series-src2 { stroke: #b54f7b; fill: #b54f7b; }
+svg .series-src3 { stroke: #8a7a2e; fill: #8a7a2e; }
+svg polyline[class^="series-src"] { fill: none; stroke-width: 1.4; stroke-dasharray: 5 2; }
 svg polyline.series-margin { fill: none; stroke-width: 1.6; stroke-dasharray: 4 2; }
 svg .marker-best { stroke: var(--ok); stroke-dasharray: 5 3; stroke-width: 1.5; }
 svg .shade-overfit { fill: var(--bad); opacity: 0.09; }
@@ -412,6 +419,12 @@ def _section_curves(curves: Mapping[str, Any]) -> str:
         series.append(Series("train loss", train, "series-train"))
     if val:
         series.append(Series("validation loss", val, "series-val", dots=True))
+    # a data mixture: each source's validation loss (metrics.jsonl val_loss/<source>)
+    per_source = sorted({k for r in records for k in r if str(k).startswith("val_loss/")})
+    for i, key in enumerate(per_source):
+        if points(key):
+            series.append(Series(f"validation loss: {key.split('/', 1)[1]}", points(key),
+                                 f"series-src{i % 4}", dots=True))
     overfit = curves.get("overfit") if isinstance(curves.get("overfit"), Mapping) else {}
     markers, shades = [], []
     best_step = overfit.get("best_step")
@@ -448,6 +461,23 @@ def _preference_charts(points: Any) -> str:
                              title="Preference accuracy (chosen reward > rejected)",
                              x_label="step", y_label="share of pairs")
     return charts
+
+
+def _section_sources(sources: list[Any]) -> str:
+    """A data mixture: each source's weight and what the run drew from it."""
+    rows = [[_e(s.get("name", "?")), f"<code>{_e(s.get('path', ''))}</code>",
+             _e(_num(s.get("weight"), "g")), _e(_num(s.get("share"), ".1%")),
+             _e(s.get("train_examples", _DASH)), _e(s.get("val_examples", _DASH)),
+             _e(s.get("rows_per_epoch", _DASH)), _e(s.get("rows", _DASH)),
+             _e(s.get("tokens", _DASH))] for s in sources if isinstance(s, Mapping)]
+    if not rows:
+        return ""
+    table = _table(["Source", "Path", "Weight", "Share", "Train rows", "Validation rows",
+                    "Rows per epoch", "Rows drawn", "Tokens drawn"], rows,
+                   numeric=(2, 3, 4, 5, 6, 7, 8))
+    return (f'<section id="sources"><h2>Data sources</h2><p class="muted">A weighted mixture: '
+            f"each epoch draws share &times; (all train rows) from each source; rows drawn "
+            f"count a repeated row each time.</p>{table}</section>")
 
 
 def _section_forgetting(forgetting: Mapping[str, Any]) -> str:
@@ -567,6 +597,8 @@ def render_html(report: Mapping[str, Any]) -> str:
         parts.append(_section_fields(report["field_scores"]))
     if isinstance(report.get("preference"), Mapping):
         parts.append(_section_preference(report["preference"]))
+    if isinstance(report.get("sources"), list):
+        parts.append(_section_sources(report["sources"]))
     if isinstance(report.get("curves"), Mapping):
         parts.append(_section_curves(report["curves"]))
     if isinstance(report.get("forgetting"), Mapping):

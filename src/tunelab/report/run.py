@@ -64,8 +64,8 @@ PREFERENCE_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rew
 
 def curves_section(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The report's ``curves`` entry: loss records plus the overfitting flag."""
-    keep = [{k: r.get(k) for k in ("step", "train_loss", "val_loss", *PREFERENCE_KEYS)
-             if k in r} for r in records if "step" in r]
+    keep = [{k: r.get(k) for k in r if k in ("step", "train_loss", "val_loss", *PREFERENCE_KEYS)
+             or k.startswith("val_loss/")} for r in records if "step" in r]
     if not keep:
         return None
     return {"records": keep, "overfit": detect_overfitting(keep)}
@@ -120,7 +120,13 @@ _METHODS = {"lora": "LoRA", "qlora": "QLoRA", "full": "Full"}
 
 def _summary_text(out: Path, summary: dict[str, Any], cfg: dict[str, Any]) -> str:
     method = _METHODS.get(str(cfg.get("method")), str(cfg.get("method", "?")))
-    data = Path(str(cfg.get("data", "?"))).name
+    sources = cfg.get("data", "?")
+    if isinstance(sources, list):  # a mixture: each source's name and weight
+        data = "a mixture of " + " + ".join(
+            f"{s.get('name', '?')} (weight {s.get('weight', '?')})" for s in sources
+            if isinstance(s, dict))
+    else:
+        data = Path(str(sources)).name
     head = f"{method} fine-tune of {cfg.get('model', '?')} on {data}"
     if not summary:
         return f"{head}: no summary.json yet (the run has not finished). Run directory: {out}."
@@ -163,6 +169,8 @@ def build_run_report(out_dir: str | Path) -> dict[str, Any]:
         config["results"] = results
     if isinstance(summary.get("data_stats"), dict):
         config["data_stats"] = summary["data_stats"]
+    if isinstance(summary.get("sources"), list):
+        report["sources"] = summary["sources"]
     if config:
         report["config"] = config
     device = cfg.get("device")
