@@ -50,6 +50,10 @@ def runs(tiny_model_dir, tmp_path_factory):
     return root
 
 
+def report_forgot(result) -> list[str]:
+    return sorted(json.loads(result.json_path.read_text())["verdict"]["forgot"])
+
+
 def test_training_runs_write_their_report(runs) -> None:
     for name in ("lora", "full"):
         report = json.loads((runs / name / "report.json").read_text())
@@ -80,13 +84,19 @@ def test_compare_end_to_end(runs, tiny_model_dir, tmp_path: Path) -> None:
     assert ft.train_time_s == summary["train_seconds"]
     assert ft.peak_memory_bytes == summary["peak_memory_bytes"]
     # Verdict, forgetting (items per system with two fine-tuned rows), curves.
-    assert result.verdict.decision in ("finetune", "prompting_better", "prefer_prompting")
+    assert result.verdict.decision in ("finetune", "tradeoff", "prompting_better",
+                                       "prefer_prompting")
     assert result.verdict.diff_method == "paired"
     item_names = [i.name for i in result.forgetting.items]
     assert item_names == ["LoRA (lora): general-text perplexity",
                           "LoRA (lora): general-knowledge probe accuracy",
                           "full FT: general-text perplexity",
                           "full FT: general-knowledge probe accuracy"]
+    # the verdict weighed each run's own forgetting: it names exactly the runs whose items
+    # are flagged in the forgetting section
+    flagged = {i.name.split(": ")[0] for i in result.forgetting.items if i.flagged}
+    assert set(result.verdict.forgot) == flagged
+    assert report_forgot(result) == sorted(flagged)
     assert set(result.overfit) == {"LoRA (lora)", "full FT"}
     # Files: report + one readable JSONL per row.
     report = json.loads(result.json_path.read_text())

@@ -361,7 +361,8 @@ def test_compare_job(make_client, finished) -> None:
     report = result["report"]
     assert [s["name"] for s in report["systems"]] == ["zero-shot", "few-shot k=1", "LoRA (tiny)"]
     assert all(s["ci_low"] <= s["score"] <= s["ci_high"] for s in report["systems"])
-    assert report["verdict"]["decision"] in ("finetune", "prefer_prompting", "prompting_better")
+    assert report["verdict"]["decision"] in ("finetune", "tradeoff", "prefer_prompting",
+                                             "prompting_better")
     assert report["verdict"]["n_examples"] == 3 and result["options"]["limit"] == 3
     assert client.get("/runs/tiny/compare/report.html").status_code == 200
 

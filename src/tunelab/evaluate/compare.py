@@ -17,7 +17,9 @@ requests at the batch size used), and for fine-tuned rows training time and peak
 The verdict (:func:`tunelab.evaluate.verdict.make_verdict`) compares the best prompting row
 with the best fine-tuned one through a paired bootstrap interval of the score difference.
 The forgetting check measures general-text perplexity and a general-knowledge probe on
-the base and on every fine-tuned model (:mod:`tunelab.evaluate.forgetting`).
+the base and on every fine-tuned model (:mod:`tunelab.evaluate.forgetting`), and the verdict
+weighs each run's forgetting against its task gain (:mod:`tunelab.evaluate.weigh`): a run
+that forgot beyond its interval is a trade-off, not a plain win.
 
 On preference pairs (the evaluation file itself, or ``pairs`` beside a task set) every row
 also gets preference accuracy and reward margin with intervals
@@ -43,6 +45,7 @@ from tunelab.evaluate.curves import OverfitFlag
 from tunelab.evaluate.forgetting import (
     GENERAL_TEXT_SOURCE,
     GeneralAbility,
+    forgetting_items,
     measure_general_ability,
     summarize_forgetting,
 )
@@ -209,14 +212,17 @@ def run_compare(examples: list[EvalExample], *, settings: EvalSettings, out: str
     from tunelab.evaluate.verdict import make_verdict
 
     systems = [e.system_result(seed=seed) for e in evals]
-    verdict = make_verdict(systems, min_gain=min_gain, seed=seed)
-    forgetting_summary = None
+    forgetting_summary = per_system = None
     if measure_forgetting and "base" in general:
         after = {f.name: general[f.name] for f in finetuned if f.name in general}
         forgetting_summary = summarize_forgetting(general["base"], after, seed=seed)
+        # one verdict weighs the task gain against each run's own forgetting
+        per_system = {name: forgetting_items(None, general["base"], ability, seed=seed)
+                      for name, ability in after.items()}
         if general["base"].ppl_docs is None:
             notes.append("pydoc_data is missing from this Python: general-text perplexity "
                          "was skipped")
+    verdict = make_verdict(systems, min_gain=min_gain, seed=seed, forgetting=per_system)
     overfit, curves = _curves(finetuned)
 
     table = format_table(evals, seed=seed)

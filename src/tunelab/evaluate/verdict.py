@@ -10,6 +10,11 @@ difference ``d = score(best fine-tuned) - score(best prompting)``:
   prompting costs no training, so prefer it (the text notes any prompt-token savings that
   fine-tuning would still bring, since those matter at high request volume).
 
+Given each fine-tuned row's forgetting (``forgetting=``), the verdict weighs both
+(:mod:`tunelab.evaluate.weigh`): a run that forgot beyond its interval is not a plain win
+(``"tradeoff"``), unless another run gains on the task and keeps general ability, which the
+verdict then names.
+
 The interval comes from the paired bootstrap when both systems have per-example scores on the
 same examples (aligned by ``example_ids`` when given); from an unpaired bootstrap when the
 per-example scores are on different examples; and, without per-example scores, the decision
@@ -43,7 +48,8 @@ from tunelab.evaluate.stats import (
 Kind = Literal["zero_shot", "few_shot", "finetuned"]
 KINDS: tuple[str, ...] = ("zero_shot", "few_shot", "finetuned")
 PROMPTING_KINDS: tuple[str, ...] = ("zero_shot", "few_shot")
-Decision = Literal["finetune", "prompting_better", "prefer_prompting", "incomplete"]
+Decision = Literal["finetune", "tradeoff", "prompting_better", "prefer_prompting",
+                   "incomplete"]
 DiffMethod = Literal["paired", "unpaired", "intervals", "none"]
 
 
@@ -102,7 +108,10 @@ class Verdict:
     """The decision, its plain-language explanation, and the numbers it follows from.
 
     ``diff`` is ``best_finetuned.score - best_prompt.score``; ``diff_ci`` its interval (see
-    ``diff_method``), ``None`` when it could not be computed.
+    ``diff_method``), ``None`` when it could not be computed. ``forgot``: the fine-tuned rows
+    whose general ability fell beyond its interval; ``keeps_both``: the row that gains on the
+    task and forgot nothing measured, when the best-scoring row forgot
+    (:mod:`tunelab.evaluate.weigh`).
     """
 
     decision: Decision
@@ -113,6 +122,8 @@ class Verdict:
     diff_ci: tuple[float, float] | None
     diff_method: DiffMethod = "none"
     n_examples: int | None = None
+    forgot: tuple[str, ...] = ()
+    keeps_both: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -124,6 +135,8 @@ class Verdict:
             "diff_ci": None if self.diff_ci is None else list(self.diff_ci),
             "diff_method": self.diff_method,
             "n_examples": self.n_examples,
+            "forgot": list(self.forgot),
+            "keeps_both": self.keeps_both,
         }
 
 
@@ -235,14 +248,25 @@ def _cost_sentence(ft: SystemResult) -> str:
 
 def make_verdict(rows: Sequence[SystemResult | Mapping[str, Any]], *, min_gain: float = 0.0,
                  n_resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL,
-                 seed: int = 0) -> Verdict:
+                 seed: int = 0,
+                 forgetting: Mapping[str, Sequence[ForgettingItem | Mapping[str, Any]]]
+                 | None = None) -> Verdict:
     """Decide whether fine-tuning pays off over prompting (rules in the module docstring).
 
     ``rows`` are :class:`SystemResult` or dicts with its fields. ``min_gain`` is the smallest
     improvement worth a training run: "finetune" needs the whole interval of the difference
-    above it.
+    above it. ``forgetting`` maps a fine-tuned row's name to its forgetting items (before and
+    after the fine-tuning, with intervals); with it the verdict weighs both
+    (:func:`tunelab.evaluate.weigh.weigh_forgetting`).
     """
     systems = [r if isinstance(r, SystemResult) else SystemResult.from_mapping(r) for r in rows]
+    if forgetting is not None:
+        from tunelab.evaluate.weigh import weigh_forgetting
+
+        task = make_verdict(systems, min_gain=min_gain, n_resamples=n_resamples, level=level,
+                            seed=seed)
+        return weigh_forgetting(task, systems, forgetting, min_gain=min_gain,
+                                n_resamples=n_resamples, level=level, seed=seed)
     pr = _best(r for r in systems if r.kind in PROMPTING_KINDS)
     ft = _best(r for r in systems if r.kind == "finetuned")
 

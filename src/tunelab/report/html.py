@@ -19,9 +19,11 @@ floats become ``null``. ``report.json`` holds exactly this converted dict.
     summary: str                    paragraph under the heading
     created: str                    timestamp shown under the heading, e.g. ISO 8601
     verdict: Verdict | {            from make_verdict(...).to_dict()
-        decision: "finetune" | "prompting_better" | "prefer_prompting" | "incomplete",
+        decision: "finetune" | "tradeoff" | "prompting_better" | "prefer_prompting"
+                  | "incomplete",
         text: str, best_prompt: str|None, best_finetuned: str|None,
-        diff: float|None, diff_ci: [lo, hi]|None, diff_method: str, n_examples: int|None}
+        diff: float|None, diff_ci: [lo, hi]|None, diff_method: str, n_examples: int|None,
+        forgot: [str], keeps_both: str|None}   (tunelab.evaluate.weigh)
     metric: str                     name of the metric the scores are in, e.g. "exact"
     systems: [SystemResult | {      one per evaluated system: score bars + compare table
         name: str, kind: "zero_shot" | "few_shot" | "finetuned",
@@ -81,6 +83,7 @@ OK_LICENCE_CATEGORIES = frozenset({"permissive", "copyleft", "weak-copyleft", "p
 KIND_LABELS = {"zero_shot": "zero-shot", "few_shot": "few-shot", "finetuned": "fine-tuned"}
 DECISION_LABELS = {
     "finetune": "Fine-tuning pays off",
+    "tradeoff": "A trade-off: the task gains, general ability is lost",
     "prompting_better": "Prompting is better",
     "prefer_prompting": "Prefer prompting",
     "incomplete": "No verdict yet",
@@ -104,6 +107,7 @@ section { background: #fff; border: 1px solid var(--line); border-radius: 6px;
 .verdict { border-left: 6px solid var(--muted); }
 .verdict.finetune { border-left-color: var(--ft); }
 .verdict.prompting_better, .verdict.prefer_prompting { border-left-color: var(--fs); }
+.verdict.tradeoff { border-left-color: var(--bad); }
 .verdict .decision { font-weight: 600; font-size: 1.1em; margin: 14px 0 4px; }
 .warning { background: var(--warn-bg); color: var(--warn); border: 1px solid #f0c890;
   border-radius: 6px; padding: 8px 12px; margin: 12px 0; }

@@ -754,6 +754,7 @@ function ciBar(score, lo, hi) {
 }
 
 const DECISIONS = { finetune: "Fine-tuning pays off", prompting_better: "Prompting is better",
+  tradeoff: "A trade-off: the task gains, general ability is lost",
   prefer_prompting: "Prefer prompting", incomplete: "Not enough to decide" };
 const KINDS = { zero_shot: "zero-shot", few_shot: "few-shot", finetuned: "fine-tuned" };
 
