@@ -34,6 +34,7 @@ from tunelab.evaluate.verdict import (
     _fmt_diff,
     _fmt_score,
     make_verdict,
+    token_ratio_phrase,
 )
 
 KEEP_ADVICE = ("To keep both, mix general data into training (data: a list of weighted "
@@ -112,8 +113,10 @@ def weigh_forgetting(task: Verdict, systems: Sequence[SystemResult],
                 f"and no general measure got worse beyond its interval ({kept}). {trade}; "
                 "that is a trade-off, not a plain win." + _cost_sentence(keeper))
         return replace(alone, text=text, forgot=forgot, keeps_both=keeper.name)
-    text = (f"{pr.name} scores {_fmt_score(pr)}; {ft.name} {_fmt_score(ft)}. {trade}. A "
-            "trade-off, not a plain win: take it only if the task is all the model must do.")
+    tokens = token_ratio_phrase(ft.prompt_tokens, pr.prompt_tokens)
+    head = f"{pr.name} scores {_fmt_score(pr)}; {ft.name} {_fmt_score(ft)}"
+    text = (f"{head}{f' with {tokens}' if tokens else ''}. {trade}. A trade-off, not a plain "
+            "win: take it only if the task is all the model must do." + _cost_sentence(ft))
     if too_small:
         names = _join([r.name for r in too_small])
         text += (f" {names} kept general ability but did not gain enough on the task to beat "
