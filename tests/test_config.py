@@ -50,18 +50,6 @@ def test_yaml_file_errors(tmp_path):
         parse_overrides(["lr"])
 
 
-def test_qlora_implies_4bit_base():
-    assert build_config({**BASE, "method": "qlora"}).base_bits == 4
-
-
-def test_fsdp_shards_full_lora_and_qlora_but_not_an_8bit_base():
-    for method in ("full", "lora", "qlora"):
-        assert build_config({**BASE, "parallel": "fsdp", "method": method}).parallel == "fsdp"
-    with pytest.raises(ConfigError, match="cannot shard an 8-bit base.*method: qlora"):
-        build_config({**BASE, "parallel": "fsdp", "base_bits": 8})
-    assert build_config({**BASE, "parallel": "ddp", "base_bits": 8}).base_bits == 8
-
-
 # ------------------------------------------------------------------------- data mixtures
 
 
@@ -146,3 +134,15 @@ def test_cli_data_flag_and_config_relative_paths(two_files, tmp_path):
     values = _config_file(str(config))
     assert [s["path"] for s in values["data"]] == [str(a), str(b)]
     assert build_config(values).data[1]["weight"] == 1.0
+
+
+def test_qlora_implies_4bit_base():
+    assert build_config({**BASE, "method": "qlora"}).base_bits == 4
+
+
+def test_fsdp_shards_full_lora_and_qlora_but_not_an_8bit_base():
+    for method in ("full", "lora", "qlora"):
+        assert build_config({**BASE, "parallel": "fsdp", "method": method}).parallel == "fsdp"
+    with pytest.raises(ConfigError, match="cannot shard an 8-bit base.*method: qlora"):
+        build_config({**BASE, "parallel": "fsdp", "base_bits": 8})
+    assert build_config({**BASE, "parallel": "ddp", "base_bits": 8}).base_bits == 8
