@@ -398,11 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
     from tunelab.evaluate import cli as evaluate_cli
 
     evaluate_cli.add_parsers(sub)
-    from tunelab import export
+    from tunelab import export, sweep
     from tunelab.serve import cli as serve_cli
 
     serve_cli.add_parser(sub)
     export.add_parser(sub)
+    sweep.add_parser(sub)
     from tunelab.ui import cli as ui_cli
 
     ui_cli.add_parser(sub)

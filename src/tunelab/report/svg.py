@@ -250,3 +250,53 @@ def bar_chart(bars: Sequence[Bar], *, title: str, domain: tuple[float, float] | 
                f'y2="{axis_y}"/>')
     out.append("</svg>")
     return "\n".join(out)
+
+
+def scatter_chart(points: dict[str, tuple[float, float]], *, title: str, x_label: str,
+                  y_label: str, line: Sequence[tuple[float, float]] = (),
+                  highlight: str | None = None, width: int = 900, height: int = 380) -> str:
+    """Labelled points ``{label: (x, y)}``, an optional polyline through ``line`` (e.g. a
+    Pareto frontier) and one highlighted point."""
+    if not points:
+        return ""
+    left, right, top, bottom = 64, 24, 28, 44
+    pw, ph = width - left - right, height - top - bottom
+    xs = [p[0] for p in points.values()] + [0.0]
+    ys = [p[1] for p in points.values()]
+    xt, yt = nice_ticks(min(xs), max(xs)), nice_ticks(min(ys), max(ys))
+    x0, x1, y0, y1 = xt[0], xt[-1], yt[0], yt[-1]
+
+    def sx(x: float) -> float:
+        return left + (x - x0) / ((x1 - x0) or 1.0) * pw
+
+    def sy(y: float) -> float:
+        return top + ph - (y - y0) / ((y1 - y0) or 1.0) * ph
+
+    out = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" '
+           f'height="{height}" role="img" aria-label="{_e(title)}">',
+           f"<title>{_e(title)}</title>"]
+    for t in xt:
+        out.append(f'<line class="grid" x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{top}" '
+                   f'y2="{top + ph}"/><text class="tick" x="{sx(t):.1f}" y="{top + ph + 16}" '
+                   f'text-anchor="middle">{_e(fmt_tick(t))}</text>')
+    for t in yt:
+        out.append(f'<line class="grid" x1="{left}" x2="{left + pw}" y1="{sy(t):.1f}" '
+                   f'y2="{sy(t):.1f}"/><text class="tick" x="{left - 6}" y="{sy(t) + 4:.1f}" '
+                   f'text-anchor="end">{_e(fmt_tick(t))}</text>')
+    out.append(f'<line class="zero" x1="{sx(0.0):.1f}" x2="{sx(0.0):.1f}" y1="{top}" '
+               f'y2="{top + ph}"/>')
+    if len(line) > 1:
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in sorted(line))
+        out.append(f'<polyline class="series-0" fill="none" points="{path}"/>')
+    for label, (x, y) in points.items():
+        css = "marker-best" if label == highlight else "marker"
+        out.append(f'<circle class="{css}" cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="5">'
+                   f"<title>{_e(label)}: ({x:.3f}, {y:.3f})</title></circle>"
+                   f'<text class="tick" x="{sx(x) + 8:.1f}" y="{sy(y) - 6:.1f}">'
+                   f"{_e(_truncate(label, 32))}</text>")
+    out.append(f'<text class="axis-label" x="{left + pw / 2:.1f}" y="{height - 6}" '
+               f'text-anchor="middle">{_e(x_label)}</text>')
+    out.append(f'<text class="axis-label" x="14" y="{top + ph / 2:.1f}" text-anchor="middle" '
+               f'transform="rotate(-90 14 {top + ph / 2:.1f})">{_e(y_label)}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
