@@ -189,6 +189,10 @@ def _load_for_inference(args: argparse.Namespace) -> tuple[Any, Any]:
     meta = adapters.adapter_meta(args.adapter) if args.adapter else {}
     bits = args.base_bits or meta.get("base_bits", 16)
     args.model = adapters.base_model_for(args.model, args.adapter)
+    if bits == 4:
+        from tunelab.memory import return_freed_memory
+
+        return_freed_memory()  # the repack's freed bytes go back (tunelab.models.repack_now)
     model, tokenizer = models.load_model(args.model, device=args.device, dtype=args.dtype,
                                          allow_pickle=args.allow_pickle,
                                          trust_remote_code=args.trust_remote_code, bits=bits,

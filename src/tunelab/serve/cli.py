@@ -114,6 +114,12 @@ def run(args: argparse.Namespace) -> int:
     if not is_loopback(args.host) and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach this address can "
                     "use the models (set --api-key or TUNELAB_API_KEY)", args.host)
+    if args.base_bits == 4:
+        from tunelab.memory import return_freed_memory
+
+        # bitsandbytes' repack for its CPU gemv frees the trainable layout's bytes; a heap
+        # that keeps them held 10.1 GiB at 7B (tunelab.models.repack_now)
+        return_freed_memory()
     engine = Engine.load(args.model, args.adapter, name=args.name, device=args.device,
                          dtype=args.dtype, allow_pickle=args.allow_pickle,
                          trust_remote_code=args.trust_remote_code, bits=args.base_bits,
