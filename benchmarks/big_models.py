@@ -30,7 +30,8 @@ compute on CPU, LoRA r=16 on all linear layers. Recorded, from the run's own
 ``tunelab merge --streaming`` into bf16 shards, ``tunelab export --to gguf`` of the merged
 shards (written tensor by tensor) and ``tunelab serve`` with two adapters on one 4-bit base
 (one chat request each), each with its peak RSS (``/usr/bin/time``).
-Results go to ``benchmarks/results/big_models.json`` (merged with earlier shapes' rows).
+Results go to ``benchmarks/results/big_models.json`` (``big_models_returning.json`` with
+``--return-freed-memory``), merged with earlier shapes' rows.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ sys.path.insert(1, str(ROOT / "src"))
 
 DEFAULT_SHAPES = ("llama-3.2-1b", "llama-2-7b", "llama-2-13b")
 RESULTS = ROOT / "benchmarks" / "results" / "big_models.json"
+RESULTS_RETURNING = ROOT / "benchmarks" / "results" / "big_models_returning.json"
 GiB = 2**30
 
 
@@ -317,12 +319,16 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/tunelab-big"))
     parser.add_argument("--workflow", action="store_true",
                         help="also generate, merge, export and serve each QLoRA adapter")
-    parser.add_argument("--json", type=Path, default=RESULTS)
+    parser.add_argument("--json", type=Path, default=None,
+                        help="results file (default: big_models.json, or "
+                             "big_models_returning.json with --return-freed-memory)")
     parser.add_argument("--return-freed-memory", action="store_true",
                         help="train with return_freed_memory: on (glibc returns freed tensors)")
     parser.add_argument("--reuse", action="store_true",
                         help="take a finished run in --work instead of training again")
     args = parser.parse_args()
+    if args.json is None:
+        args.json = RESULTS_RETURNING if args.return_freed_memory else RESULTS
     from tunelab.plan import get_arch
 
     args.work.mkdir(parents=True, exist_ok=True)
