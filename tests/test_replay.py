@@ -191,7 +191,8 @@ def test_replay_file_rows_are_replay_ratio_of_each_epoch(tiny_model_dir, task_fi
     ({"replay": "self", "replay_ratio": 1.0}, "'replay_ratio' is 1.0; it must be >= 0 and < 1"),
     ({"replay": "self", "replay_ratio": -0.1}, "'replay_ratio' is -0.1; it must be >= 0"),
     ({"replay": "self", "replay_ratio": "lots"}, "'replay_ratio' must be a number"),
-    ({"replay_ratio": 0.3}, "replay_ratio applies with replay; add replay: self"),
+    ({"replay_ratio": 1.5}, "'replay_ratio' is 1.5; it must be >= 0 and < 1"),
+    ({"replay_prompts": 5}, "replay_prompts applies with replay; add replay: self"),
     ({"replay_kl": 0.1}, "replay_kl applies with replay"),
     ({"replay": "self", "replay_kl": -1}, "'replay_kl' is -1.0; it must be >= 0"),
     ({"replay": "self", "replay_kl": 0.1, "method": "full"}, "replay_kl needs method: lora"),
@@ -214,6 +215,12 @@ def test_replay_prompts_belong_to_replay_self(task_file):
         build_config({"data": str(task_file), "replay": str(task_file), "replay_prompts": 5})
     cfg = build_config({"data": str(task_file), "replay": "self"})
     assert cfg.replay_ratio == 0.2  # the default once replay is set
+    # a ratio alone is the base's own answers (a sweep's replay_ratio=0,0.2 on any config);
+    # 0 without replay is no replay
+    cfg = build_config({"data": str(task_file), "replay_ratio": 0.3})
+    assert (cfg.replay, cfg.replay_ratio) == ("self", 0.3)
+    cfg = build_config({"data": str(task_file), "replay_ratio": 0})
+    assert (cfg.replay, cfg.replay_ratio) == ("", 0.0)
 
 
 # ------------------------------------------------------------------------- the KL term

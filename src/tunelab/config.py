@@ -62,7 +62,8 @@ class TrainConfig:
     # replay (tunelab.replay): "self" (the base model's own answers to tunelab's general
     # prompts) or a general data file, mixed in at replay_ratio of each epoch's rows
     replay: str = ""
-    replay_ratio: float | None = None  # 0.2 when replay is set
+    # 0.2 when replay is set; a ratio > 0 without replay means replay: self
+    replay_ratio: float | None = None
     replay_prompts: int = 0  # replay: self answers the first N prompts; 0 = all of them
     replay_kl: float = 0.0  # weight of KL(base || model) on replay rows' target tokens
     val_fraction: float = 0.1
@@ -374,8 +375,12 @@ DEFAULT_REPLAY_RATIO = 0.2
 
 def _check_replay(cfg: TrainConfig) -> None:
     """``replay``, ``replay_ratio``, ``replay_prompts``, ``replay_kl`` (tunelab.replay)."""
+    if not cfg.replay and cfg.replay_ratio:
+        # a ratio alone means the base's own answers, so a sweep over replay_ratio=0,0.2
+        # runs on any config
+        cfg.replay = "self"
     if not cfg.replay:
-        for key, unset in (("replay_ratio", None), ("replay_prompts", 0), ("replay_kl", 0.0)):
+        for key, unset in (("replay_prompts", 0), ("replay_kl", 0.0)):
             if getattr(cfg, key) != unset:
                 raise ConfigError(f"{key} applies with replay; add replay: self (the base "
                                   "model answers tunelab's general prompts) or replay: FILE")
