@@ -45,6 +45,7 @@ RANGES: dict[str, tuple[float, float | None]] = {
     "lora_alpha": (0.0, None), "lora_dropout": (0.0, 1.0), "early_stopping_patience": (0, None),
     "log_every": (1, None), "eval_batch_size": (1, None), "base_bits": (4, 16),
     "beta": (0.0, None), "label_smoothing": (0.0, 0.5),
+    "replay_prompts": (0, None), "replay_kl": (0.0, None),
 }
 
 
@@ -58,6 +59,13 @@ class TrainConfig:
     # {path, weight, name, format, columns, split} (tunelab.data.mixture)
     data: str | list[dict[str, Any]] = ""
     val_data: str | None = None
+    # replay (tunelab.replay): "self" (the base model's own answers to tunelab's general
+    # prompts) or a general data file, mixed in at replay_ratio of each epoch's rows
+    replay: str = ""
+    # 0.2 when replay is set; a ratio > 0 without replay means replay: self
+    replay_ratio: float | None = None
+    replay_prompts: int = 0  # replay: self answers the first N prompts; 0 = all of them
+    replay_kl: float = 0.0  # weight of KL(base || model) on replay rows' target tokens
     val_fraction: float = 0.1
     split: str = "train"  # the split of a `datasets` source (hf:NAME, a save_to_disk folder)
     columns: str = ""  # rename source columns: "prompt=instruction,completion=output"
@@ -169,7 +177,9 @@ def _coerce(key: str, value: Any) -> Any:
             except ValueError:
                 pass
         raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
-    if hint is float:
+    if hint is float or hint == float | None:
+        if value is None and hint is not float:
+            return None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if text is not None:
@@ -355,8 +365,44 @@ def _check_combination(cfg: TrainConfig) -> None:
     if cfg.init_adapter and not Path(cfg.init_adapter).is_dir():
         raise ConfigError(f"init_adapter: {cfg.init_adapter} is not a folder; give the adapter "
                           "folder (OUT/adapter of an SFT run) or the run folder")
+    _check_replay(cfg)
     if cfg.use_dora and cfg.method == "full":
         raise ConfigError("use_dora is a LoRA option; it has no meaning with method: full")
+
+
+DEFAULT_REPLAY_RATIO = 0.2
+
+
+def _check_replay(cfg: TrainConfig) -> None:
+    """``replay``, ``replay_ratio``, ``replay_prompts``, ``replay_kl`` (tunelab.replay)."""
+    if not cfg.replay and cfg.replay_ratio:
+        # a ratio alone means the base's own answers, so a sweep over replay_ratio=0,0.2
+        # runs on any config
+        cfg.replay = "self"
+    if not cfg.replay:
+        for key, unset in (("replay_prompts", 0), ("replay_kl", 0.0)):
+            if getattr(cfg, key) != unset:
+                raise ConfigError(f"{key} applies with replay; add replay: self (the base "
+                                  "model answers tunelab's general prompts) or replay: FILE")
+        return
+    if cfg.replay != "self" and not cfg.replay.startswith("hf:") \
+            and not Path(cfg.replay).expanduser().exists():
+        raise ConfigError(f"replay: file not found: {cfg.replay}; give replay: self (the base "
+                          "model answers tunelab's general prompts) or an existing data file")
+    if cfg.objective != "sft":
+        raise ConfigError(f"replay mixes general rows into SFT data; objective: "
+                          f"{cfg.objective} takes one file of preference pairs")
+    if cfg.replay_ratio is None:
+        cfg.replay_ratio = DEFAULT_REPLAY_RATIO
+    if not 0.0 <= cfg.replay_ratio < 1.0:
+        raise ConfigError(f"config key 'replay_ratio' is {cfg.replay_ratio!r}; it must be >= 0 "
+                          "and < 1 (the share of each epoch's rows that are replay, e.g. 0.2)")
+    if cfg.replay_prompts and cfg.replay != "self":
+        raise ConfigError("replay_prompts caps the prompts of replay: self; with replay: "
+                          f"{cfg.replay} every row of the file is used")
+    if cfg.replay_kl and not cfg.is_lora:
+        raise ConfigError("replay_kl needs method: lora or qlora (the base is the model with "
+                          "its adapters off); with method: full set replay_kl: 0")
 
 
 def build_config(values: dict[str, Any], *, source: str = "config") -> TrainConfig:
@@ -390,6 +436,8 @@ def resolve_data_paths(values: dict[str, Any], config_file: str | Path) -> None:
         candidate = folder / path
         return str(candidate) if candidate.exists() else path
 
+    if isinstance(values.get("replay"), str) and values["replay"] != "self":
+        values["replay"] = resolve(values["replay"])
     data = values.get("data")
     if isinstance(data, list):
         values["data"] = [{**s, "path": resolve(s.get("path"))} if isinstance(s, dict)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tunelab.data import IGNORE_INDEX
+from tunelab.data import IGNORE_INDEX, REPLAY_KEY
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -57,11 +57,31 @@ class TargetLoss(torch.nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """A padded batch has ``attention_mask``; a packed one (:mod:`tunelab.packing`)
         has ``position_ids`` and its sequence bounds instead."""
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, **packing)
+        return self.target_loss(hidden, labels)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None, **packing: torch.Tensor
+                      ) -> torch.Tensor:
+        """The backbone's last hidden states ``[rows, T, hidden]`` (no output layer)."""
+        packing.pop(REPLAY_KEY, None)  # which rows are replay: for the objective, not the model
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask,
                                   "use_cache": False, **packing}
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
-        hidden = self.backbone(**kwargs).last_hidden_state
+        return self.backbone(**kwargs).last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of the output layer (soft-capped where the model does) for rows of
+        hidden states."""
+        logits = self.head(hidden).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def target_loss(self, hidden: torch.Tensor, labels: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sum_t -log p(y_{t+1} | h_t), n_targets)`` over the target positions."""
         targets = labels[:, 1:]
         mask = targets != IGNORE_INDEX
         picked = hidden[:, :-1][mask]
@@ -70,10 +90,7 @@ class TargetLoss(torch.nn.Module):
                 and not self.softcap
                 and torch.is_grad_enabled() and (picked.requires_grad or weight.requires_grad)):
             return ChunkedCrossEntropy.apply(picked, weight, targets[mask]), mask.sum()
-        logits = self.head(picked).float()
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        loss_sum = F.cross_entropy(logits, targets[mask], reduction="sum")
+        loss_sum = F.cross_entropy(self.logits(picked), targets[mask], reduction="sum")
         return loss_sum, mask.sum()
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tunelab.data import IGNORE_INDEX, Example
+from tunelab.data import IGNORE_INDEX, REPLAY_KEY, Example
 
 ATTENTION_NAME = "tunelab_packed_sdpa"
 BOUNDS_KEY = "tunelab_seq_bounds"  # forward kwarg: a host tensor [0, end_1, ..., end_B]
@@ -50,9 +50,13 @@ def collate_packed(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         labels.extend(own)
         positions.extend(range(n))
         bounds.append(bounds[-1] + n)
-    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-            "position_ids": torch.tensor([positions]),
-            BOUNDS_KEY: torch.tensor(bounds, dtype=torch.long)}
+    batch = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+             "position_ids": torch.tensor([positions]),
+             BOUNDS_KEY: torch.tensor(bounds, dtype=torch.long)}
+    if any(ex.replay for ex in examples):
+        batch[REPLAY_KEY] = torch.tensor([[ex.replay for ex in examples
+                                           for _ in range(len(ex.input_ids))]])
+    return batch
 
 
 def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,

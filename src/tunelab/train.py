@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from tunelab import adapters, checkpoint, data, models, preference, preflight, trackers
+from tunelab import adapters, checkpoint, data, models, preference, preflight, replay, trackers
 from tunelab import distributed as dist
 from tunelab.config import TrainConfig, save_config
 from tunelab.data import mixture
@@ -338,7 +338,8 @@ def train_step(step_fn: torch.nn.Module, micro: list[dict[str, torch.Tensor]],
             metric_sums[name] = metric_sums.get(name, 0.0) + float(value)
     loss_total = dist.all_reduce_sum(loss_total, info, device)
     unit = objective.metric_unit
-    means = {name: dist.all_reduce_sum(value, info, device) / totals[unit]
+    units = getattr(objective, "metric_units", {})  # a metric averaged over another unit
+    means = {name: dist.all_reduce_sum(value, info, device) / totals[units.get(name, unit)]
              for name, value in sorted(metric_sums.items())}
     tokens = sum(data.batch_tokens(b) for b in micro)
     return StepResult(loss_total, tokens, int(totals[unit]), means)
@@ -438,16 +439,26 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
     if info.is_main:
         preflight.check_output_writable(out)
     tokenizer = models.load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    mix = mixture.load_mixture(cfg, tokenizer) if mixture.is_mixture(cfg.data) else None
+    replayed = replay.plan(cfg, tokenizer)  # a replay source is one more mixture source
+    mix = (mixture.load_mixture(cfg, tokenizer)
+           if mixture.is_mixture(cfg.data) or replayed else None)
+    if replayed and not replayed.pending:
+        mix.add_replay(replayed.path, cfg, tokenizer, replayed.fmt)
     train_set, val_set, stats = mix.datasets() if mix else load_datasets(cfg, tokenizer)
     log.info("data: %d train / %d validation examples; %d truncated, %d dropped (max_length %d)",
              len(train_set), len(val_set), stats.n_truncated, stats.n_dropped, cfg.max_length)
-    steps = total_steps(cfg, len(train_set) // info.world)
+    # a mixture's epoch can differ from its concatenation (replay adds rows to it)
+    steps = total_steps(cfg, (mix.epoch_rows if mix else len(train_set)) // info.world)
     budget = memory_budget_bytes(device)
     sharded = preflight.shard_over_processes(cfg, train_set, steps, device, budget=budget,
                                              rank=info.rank, world=info.world)
     # every process must wrap the same way; one that needs FSDP decides for all
     sharded = dist.all_reduce_sum(int(sharded), info, device) > 0
+    if sharded and cfg.replay_kl:
+        # the base forward runs only on micro-batches holding a replay row: under FSDP the
+        # processes would gather layers a different number of times and hang
+        raise ConfigError("replay_kl does not run under parallel: fsdp; use parallel: ddp "
+                          "(or replay_kl: 0)")
     cfg = preflight.plan_before_load(cfg, train_set, steps, device, budget=budget,
                                      rank=info.rank, world=info.world, sharded=sharded)
     if device.type == "cpu" and cfg.return_freed_memory == "on" and not return_freed_memory():
@@ -459,6 +470,12 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> RunResult:
     model, tokenizer = prepare_model(cfg, device)
     load_seconds = time.perf_counter() - load_start
     load_peak = peak_memory_bytes(device)
+    if replayed and replayed.pending:  # the base answers the general prompts, once
+        if info.is_main:
+            replay.answer_prompts(replayed, model, tokenizer)
+        dist.barrier(info)
+        mix.add_replay(replayed.path, cfg, tokenizer, replayed.fmt)
+        train_set, val_set, stats = mix.datasets()
     # the training phase's own peak from here (the whole run's is the larger of the two)
     train_peak_known = reset_peak_memory(device)
     if cfg.objective in PREFERENCE:  # pair rows: always the packed attention function

@@ -37,6 +37,9 @@ from tunelab.data import sources
 from tunelab.errors import DataError
 
 IGNORE_INDEX = -100
+# batch entry: bool [rows, T], True at the tokens of replay examples (tunelab.replay); present
+# only in a batch holding one, so the batches of a run without replay are unchanged
+REPLAY_KEY = "replay_mask"
 FORMATS = ("text", "prompt_completion", "instruction", "chat", "sharegpt")
 ROLES = ("system", "user", "assistant")
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -68,6 +71,7 @@ class Example:
 
     input_ids: list[int]
     labels: list[int]
+    replay: bool = False  # a replay row (tunelab.replay): REPLAY_KEY marks its tokens
 
     @property
     def n_targets(self) -> int:
@@ -579,7 +583,10 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
         ids[row, :n] = torch.tensor(ex.input_ids)
         labels[row, :n] = torch.tensor(ex.labels)
         mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(ex.replay for ex in examples):
+        batch[REPLAY_KEY] = torch.tensor([[ex.replay] for ex in examples]) & mask.bool()
+    return batch
 
 
 def batch_tokens(batch: dict[str, torch.Tensor]) -> int:

@@ -81,8 +81,11 @@ class MixtureSchedule(BatchSchedule):
     epoch's order drawn by the sources' weights (module docstring)."""
 
     def __init__(self, sizes: Sequence[int], weights: Sequence[float], batch_size: int,
-                 seed: int, lengths: Sequence[int] | None = None) -> None:
-        super().__init__(sum(sizes), batch_size, seed, lengths)
+                 seed: int, lengths: Sequence[int] | None = None,
+                 epoch_rows: int | None = None) -> None:
+        # epoch_rows: the epoch's size N when it is not the concatenation's (replay adds
+        # rows to an epoch rather than taking them from the task's: see Mixture.epoch_rows)
+        super().__init__(epoch_rows or sum(sizes), batch_size, seed, lengths)
         self.sizes = list(sizes)
         self.offsets = [0, *np.cumsum(self.sizes).tolist()][:-1]
         self.quota = epoch_quota(weights, self.n)
@@ -145,6 +148,40 @@ class Mixture:
 
     parts: list[SourceData]
     val_data: list[Example] | None = None  # a separate val_data file: no per-source split
+    replay_ratio: float = 0.0  # the replay part's share of each epoch (tunelab.replay)
+
+    @property
+    def epoch_rows(self) -> int:
+        """Rows per epoch ``N``: the concatenation's size; with replay at ratio ``r``,
+        ``round(n_task / (1 - r))`` so the task sources keep their ``n_task`` rows per epoch
+        and the replay part gets ``r N`` more (its answers are drawn without replacement
+        across epochs like any source's), whatever the number of replay rows."""
+        task = sum(len(p.train) for p in self.parts if not p.spec.get("replay"))
+        if not self.replay_ratio:
+            return sum(len(p.train) for p in self.parts)
+        return int(task / (1.0 - self.replay_ratio) + 0.5)
+
+    def add_replay(self, path: str, cfg: Any, tokenizer: Any, fmt: str = "auto") -> SourceData:
+        """Append the replay source (``replay: self``'s cached answers, or ``replay: FILE``)
+        with the weight that makes it ``replay_ratio`` of each epoch: ``w_r = r W / (1 - r)``
+        for task weights summing to ``W``; its train rows are flagged ``replay``."""
+        task_weight = sum(float(p.spec["weight"]) for p in self.parts)
+        taken = {p.name for p in self.parts}
+        name, k = "replay", 2
+        while name in taken:
+            name, k = f"replay-{k}", k + 1
+        spec = {"path": path, "weight": self.replay_ratio * task_weight / (1 - self.replay_ratio),
+                "name": name, "format": fmt, "columns": "", "replay": True}
+        part = _load_source(spec, cfg, tokenizer, 0.0 if cfg.val_data else cfg.val_fraction)
+        if not part.train:
+            raise DataError("the replay data has no training rows left after the validation "
+                            "split", path=path)
+        for ex in part.train:
+            ex.replay = True
+        self.parts.append(part)
+        log.info("replay source %s: %d train / %d validation examples, %.0f%% of each epoch",
+                 name, len(part.train), len(part.val), 100 * self.replay_ratio)
+        return part
 
     @property
     def train_set(self) -> list[Example]:
@@ -178,7 +215,7 @@ class Mixture:
         lengths = [len(e.input_ids) for e in self.train_set] if group_by_length else None
         schedule = MixtureSchedule([len(p.train) for p in self.parts],
                                    [float(p.spec["weight"]) for p in self.parts], batch_size,
-                                   seed, lengths)
+                                   seed, lengths, epoch_rows=self.epoch_rows)
         for part, q in zip(self.parts, schedule.quota, strict=True):
             if q == 0:
                 log.warning("data source %s: weight %g gives it no row in an epoch of %d; "
@@ -228,6 +265,7 @@ class Mixture:
         total = sum(float(p.spec["weight"]) for p in self.parts)
         return [{"name": p.name, "path": p.spec["path"], "weight": p.spec["weight"],
                  "share": round(float(p.spec["weight"]) / total, 6),
+                 **({"replay": True} if p.spec.get("replay") else {}),
                  "train_examples": len(p.train), "val_examples": len(p.val),
                  "rows_per_epoch": q, "rows": rows[i], "tokens": tokens[i],
                  **{k: v for k, v in p.stats.as_dict().items() if k != "max_length"}}
@@ -258,11 +296,21 @@ def _load_source(spec: dict[str, Any], cfg: Any, tokenizer: Any, val_fraction: f
     return SourceData(spec, train, val, stats)
 
 
+def task_sources(cfg: Any) -> list[dict[str, Any]]:
+    """``cfg.data`` as a list of sources (one string is one source of weight 1)."""
+    if is_mixture(cfg.data):
+        return list(cfg.data)
+    from tunelab.config import _source_name
+
+    return [{"path": cfg.data, "weight": 1.0, "name": _source_name(cfg.data)}]
+
+
 def load_mixture(cfg: Any, tokenizer: Any) -> Mixture:
     """Every source of ``cfg.data`` read and split (``val_fraction`` of each, by ``seed``),
-    or validated on ``cfg.val_data`` when it is given."""
+    or validated on ``cfg.val_data`` when it is given. With ``replay`` set, the mixture
+    holds the ratio; the replay source is added by :meth:`Mixture.add_replay`."""
     fraction = 0.0 if cfg.val_data else cfg.val_fraction
-    parts = [_load_source(spec, cfg, tokenizer, fraction) for spec in cfg.data]
+    parts = [_load_source(spec, cfg, tokenizer, fraction) for spec in task_sources(cfg)]
     val_data = None
     if cfg.val_data:
         kw = {"fmt": cfg.format, "max_length": cfg.max_length, "overlength": cfg.overlength,
@@ -273,7 +321,8 @@ def load_mixture(cfg: Any, tokenizer: Any) -> Mixture:
     for part in parts:
         log.info("data source %s: %d train / %d validation examples, weight %g", part.name,
                  len(part.train), len(part.val), part.spec["weight"])
-    return Mixture(parts, val_data)
+    ratio = float(cfg.replay_ratio or 0.0) if getattr(cfg, "replay", "") else 0.0
+    return Mixture(parts, val_data, replay_ratio=ratio)
 
 
 def split_source_records(sources: Sequence[dict[str, Any]], val_fraction: float, seed: int,
