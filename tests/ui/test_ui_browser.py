@@ -353,3 +353,55 @@ def test_ui_training_page_draws_preference_rewards(ui_server, tmp_path, tiny_mod
             _shot(page, "train-dpo", artifacts)
         finally:
             chromium.close()
+
+
+def test_ui_compare_page_shows_forgetting_and_retrains_with_replay(ui_server, tmp_path,
+                                                                  tiny_model_dir) -> None:
+    """A comparison whose fine-tuned row forgot: the page shows its general ability beside
+    its gain, and "Retrain with replay" starts a run with the same settings plus
+    ``replay: self``."""
+    browser.require_browser()
+    import json
+
+    from playwright.sync_api import sync_playwright
+
+    from tunelab.config import build_config
+    from tunelab.train import train
+
+    url, workspace = ui_server
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"q {i}", "completion": "Paris"}) + "\n"
+                            for i in range(8)), encoding="utf-8")
+    train(build_config({"model": str(tiny_model_dir), "data": str(rows), "lr": 3e-3,
+                        "out": str(workspace / "mine"), "max_steps": 2, "batch_size": 4,
+                        "val_fraction": 0, "device": "cpu"}), progress=False)
+    report = {"verdict": {"decision": "tradeoff", "text": "mine gains but forgets",
+                          "best_prompt": "zero-shot", "best_finetuned": "mine",
+                          "forgot": ["mine"], "keeps_both": None},
+              "metric": "exact_match", "metric_table": {},
+              "systems": [{"name": "zero-shot", "kind": "zero_shot", "score": 0.1,
+                           "ci_low": 0.0, "ci_high": 0.2},
+                          {"name": "mine", "kind": "finetuned", "score": 0.9,
+                           "ci_low": 0.8, "ci_high": 1.0}],
+              "forgetting": {"text": "probe accuracy fell", "flagged": True, "items": []},
+              "general_ability": {"base": {"probe_accuracy": 0.57, "perplexity": 20.0},
+                                  "mine": {"probe_accuracy": 0.03, "perplexity": 22.2}}}
+    (workspace / "mine" / "compare").mkdir()
+    (workspace / "mine" / "compare" / "report.json").write_text(json.dumps(report))
+    with sync_playwright() as pw:
+        chromium, page = _offline_page(pw)
+        try:
+            page.goto(f"{url}/#compare")
+            page.wait_for_selector("#compare_run option[value=mine]", state="attached")
+            page.select_option("#compare_run", "mine")
+            page.wait_for_selector("#retrain-replay")
+            table = _text(page, "#compare-table")
+            assert "probe 0.57 → 0.03, ppl 11%" in table
+            assert page.locator("#compare-table td.forgot").count() == 1
+            page.click("#retrain-replay")
+            page.wait_for_selector("#runs tr[data-run=mine-replay]", timeout=30_000)
+        finally:
+            chromium.close()
+    started = json.loads(urllib.request.urlopen(f"{url}/api/runs/mine-replay").read())
+    assert started["config"]["replay"] == "self" and started["config"]["replay_ratio"] == 0.2
+    assert started["config"]["lr"] == 3e-3 and started["config"]["max_steps"] == 2

@@ -26,7 +26,7 @@ TRAIN_FIELDS = ("model", "data", "val_data", "val_fraction", "format", "train_on
                 "lr", "schedule", "warmup_steps", "max_steps", "epochs", "batch_size",
                 "grad_accum", "grad_ckpt", "seed", "eval_every", "save_every",
                 "early_stopping_patience", "device", "dtype", "optimizer", "base_bits",
-                "objective", "beta")
+                "objective", "beta", "replay", "replay_ratio", "replay_prompts")
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # "base" is the chat page's name for the base model; "uploads" is the upload folder.
 RESERVED_NAMES = frozenset({"base", "uploads", "static", "api"})

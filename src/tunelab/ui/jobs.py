@@ -519,6 +519,10 @@ class Jobs:
             keep = ("verdict", "metric", "systems", "metric_table", "summary", "forgetting",
                     "overfitting", "created")
             out["report"] = {k: report[k] for k in keep if k in report}
+            # each row's general ability beside its gain (not the probe's answers: size)
+            out["report"]["general_ability"] = {
+                name: {k: g.get(k) for k in ("probe_accuracy", "perplexity")}
+                for name, g in (report.get("general_ability") or {}).items()}
             out["examples"] = report.get("examples", [])[:20]
         out["has_report"] = (job_dir / "report.html").is_file()
         return out

@@ -194,7 +194,7 @@ const PLAN_FIELDS = { method: "method", lora_r: "lora_r", max_length: "max_lengt
   grad_ckpt: "grad_ckpt" };
 const TRAIN_FIELDS = { model: "model", data: "data", ...DATA_FIELDS, ...PLAN_FIELDS, lr: "lr",
   eval_every: "eval_every", save_every: "save_every", device: "device", seed: "seed",
-  objective: "objective", beta: "beta" };
+  objective: "objective", beta: "beta", replay: "replay", replay_ratio: "replay_ratio" };
 
 // Inputs marked data-keep survive a reload; a mirror input edits the same setting elsewhere.
 function keepInputs() {
@@ -486,9 +486,15 @@ function trainSummary() {
     el("a", { href: "#data", text: "change data" }), " · ", el("a", { href: "#plan", text: "change plan" }));
 }
 
+function trainConfig() {
+  const config = pick(TRAIN_FIELDS);
+  if (!config.replay) { delete config.replay; delete config.replay_ratio; }  // replay off
+  return config;
+}
+
 async function startRun() {
   const scope = $("#train-form");
-  const body = { name: value("name"), config: pick(TRAIN_FIELDS), allow_parallel: value("allow_parallel") };
+  const body = { name: value("name"), config: trainConfig(), allow_parallel: value("allow_parallel") };
   try {
     const run = await api("POST", "/api/runs", body);
     showErrors(scope, [], true);
@@ -792,13 +798,15 @@ function renderCompare(c) {
   verdict.replaceChildren(el("div", { class: "decision", text: DECISIONS[v.decision] || v.decision }), el("div", { text: v.text || "" }));
   const metric = r.metric;
   const others = Object.keys((r.metric_table && Object.values(r.metric_table)[0]) || {}).filter((m) => m !== metric).slice(0, 4);
-  const head = el("tr", {}, ...["system", "kind", `${metric} [95% interval]`, "", ...others, "prompt tokens/req", "latency/req", "training time", "peak memory"]
+  const head = el("tr", {}, ...["system", "kind", `${metric} [95% interval]`, "", "general ability", ...others, "prompt tokens/req", "latency/req", "training time", "peak memory"]
     .map((h) => el("th", { text: h })));
+  const forgot = new Set(v.forgot || []);
   const best = new Set([v.best_prompt, v.best_finetuned]);
   const rows = (r.systems || []).map((s) => el("tr", { class: best.has(s.name) ? "best" : "" },
     el("td", { text: s.name }), el("td", { text: KINDS[s.kind] || s.kind }),
     el("td", { class: "num", text: `${fix(s.score, 3)} [${fix(s.ci_low, 3)}, ${fix(s.ci_high, 3)}]` }),
     el("td", {}, ciBar(s.score, s.ci_low, s.ci_high)),
+    el("td", { class: forgot.has(s.name) ? "num forgot" : "num", text: generalCell(r.general_ability, s) }),
     ...others.map((m) => el("td", { class: "num", text: fix((r.metric_table[s.name] || {})[m], 3) })),
     el("td", { class: "num", text: s.prompt_tokens ? s.prompt_tokens.toFixed(0) : "-" }),
     el("td", { class: "num", text: s.latency_s ? `${(s.latency_s * 1000).toFixed(0)} ms` : "-" }),
@@ -807,6 +815,12 @@ function renderCompare(c) {
   table.replaceChildren(el("thead", {}, head), el("tbody", {}, ...rows));
   const notes = [];
   if (r.forgetting && r.forgetting.text) notes.push(el("p", {}, el("b", { text: "Forgetting: " }), r.forgetting.text));
+  if (forgot.size) {
+    const retrain = el("button", { type: "button", class: "primary", id: "retrain-replay", text: "Retrain with replay" });
+    retrain.addEventListener("click", () => busy(retrain, () => retrainWithReplay(c.name)));
+    notes.push(el("p", {}, "The fine-tuned model lost general ability. Replay mixes the base model's own answers to general prompts into training (20% of each epoch) to keep it: ", retrain,
+      el("span", { class: "err", id: "retrain-error" })));
+  }
   for (const [name, flag] of Object.entries(r.overfitting || {})) notes.push(el("p", {}, el("b", { text: `Loss curves (${name}): ` }), flag.message || ""));
   if (c.examples && c.examples.length) {
     const cols = Object.keys(c.examples[0]).filter((k) => k !== "id");
@@ -815,6 +829,34 @@ function renderCompare(c) {
       el("tbody", {}, ...c.examples.slice(0, 5).map((row) => el("tr", {}, ...cols.map((k) => el("td", { text: String(row[k] ?? "") })))))));
   }
   extra.replaceChildren(...notes);
+}
+
+function generalCell(general, s) {
+  // probe accuracy (and general-text perplexity) of this row against the base model
+  if (!general || !general.base || s.kind !== "finetuned") return "-";
+  const g = general[s.name];
+  if (!g) return "-";
+  const parts = [];
+  if (g.probe_accuracy != null && general.base.probe_accuracy != null) parts.push(`probe ${fix(general.base.probe_accuracy, 2)} → ${fix(g.probe_accuracy, 2)}`);
+  if (g.perplexity && general.base.perplexity) parts.push(`ppl ${((g.perplexity / general.base.perplexity - 1) * 100).toFixed(0)}%`);
+  return parts.join(", ") || "-";
+}
+
+async function retrainWithReplay(name) {
+  // the compared run's own settings, plus replay of the base model's answers
+  const run = await api("GET", `/api/runs/${encodeURIComponent(name)}`);
+  const config = {};
+  for (const key of Object.keys(TRAIN_FIELDS)) if (run.config && run.config[key] != null) config[key] = run.config[key];
+  Object.assign(config, { replay: "self", replay_ratio: 0.2 });
+  try {
+    const started = await api("POST", "/api/runs", { name: `${name}-replay`, config, allow_parallel: false });
+    await refreshRuns();
+    location.hash = "train";
+    selectRun(started.name);
+  } catch (exc) {
+    if (!(exc instanceof ApiError)) throw exc;
+    $("#retrain-error").textContent = exc.errors.map((e) => e.message).join("; ");
+  }
 }
 
 async function stopCompare() {
