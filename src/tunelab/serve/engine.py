@@ -346,9 +346,10 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, base_name: str = "base",
                  max_batch_size: int = 32, batch_wait_ms: float = 5.0, max_queue: int = 1024,
-                 context_length: int | None = None) -> None:
+                 context_length: int | None = None, base_bits: int = 16) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
+        self.base_bits = base_bits  # what adapters are checked against
         self.model = model
         self.model.eval()
         self.tokenizer = tokenizer
@@ -386,7 +387,7 @@ class Engine:
                                              trust_remote_code=trust_remote_code, bits=bits,
                                              generation_only=True)
         engine = cls(model, tokenizer, base_name=name or default_model_id(model_spec),
-                     **engine_kwargs)
+                     base_bits=bits, **engine_kwargs)
         for adapter_name, path in adapters:
             engine.load_adapter(adapter_name, path)
         return engine
@@ -452,9 +453,11 @@ class Engine:
         folder = tl_adapters.resolve_adapter_dir(path)
         _check_servable(folder)
         meta = tl_adapters.adapter_meta(folder)
-        if int(meta.get("base_bits", 16)) != 16:
-            log.warning("adapter %s was trained on a %s-bit base; serving it on this base "
-                        "changes its outputs slightly", name, meta["base_bits"])
+        served_bits = self.base_bits
+        if int(meta.get("base_bits", 16)) != served_bits:
+            log.warning("adapter %s was trained on a %s-bit base; serving it on this %s-bit "
+                        "base changes its outputs slightly", name, meta["base_bits"],
+                        served_bits)
         with self._model_lock:
             self.model = tl_adapters.load_adapter(self.model, folder, name=name)
             self.model.eval()
