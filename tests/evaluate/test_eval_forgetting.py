@@ -7,14 +7,13 @@ import torch
 
 from tunelab import models
 from tunelab.evaluate.forgetting import (
-    PROBE,
     GeneralAbility,
     forgetting_items,
     general_texts,
     measure_general_ability,
-    score_probe,
     summarize_forgetting,
 )
+from tunelab.evaluate.probe import load_probe
 
 
 def test_general_texts_are_prose_from_the_stdlib() -> None:
@@ -26,25 +25,13 @@ def test_general_texts_are_prose_from_the_stdlib() -> None:
     assert len(general_texts(5)) == 5
 
 
-def test_probe_avoids_the_quickstart_domain() -> None:
-    assert len(PROBE) == 30
-    banned = ("capital", "currency", "population", "country", "countries")
-    for question, answers in PROBE:
-        assert not any(b in question.lower() for b in banned), question
-        assert answers and question.endswith("?")
-    right = [answers[0] for _, answers in PROBE]
-    assert score_probe(right) == [1.0] * 30
-    wrong = ["I do not know"] * 30
-    assert score_probe(wrong) == [0.0] * 30
-    assert score_probe([f"It is {PROBE[0][1][0]}."] + wrong[1:])[0] == 1.0
-
-
 def test_same_model_before_and_after_shows_no_forgetting(tiny_model_dir) -> None:
     model, tok = models.load_model(str(tiny_model_dir), device="cpu")
     before = measure_general_ability(model, tok, batch_size=32, progress=False, n_docs=8)
     after = measure_general_ability(model, tok, batch_size=32, progress=False, n_docs=8)
     assert before.ppl_docs == after.ppl_docs and len(before.ppl_docs) == 8
-    assert len(before.probe_scores) == 30 and len(before.probe_answers) == 30
+    n = len(load_probe())  # the shipped probe's items: tests/evaluate/test_probe.py
+    assert len(before.probe_scores) == n and len(before.probe_answers) == n
     summary = summarize_forgetting(before, {"ft": after})
     assert not summary.flagged and summary.text.startswith("No measurable forgetting")
     assert [i.name for i in summary.items] == ["general-text perplexity",

@@ -31,6 +31,8 @@ examples:
       --instruction "Reply with a JSON object with keys country, capital, ..."
   tunelab compare --model smollm2-135m --data heldout.jsonl --shots-from train.jsonl \\
       --few-shot 3 --adapter lora=runs/a --adapter full=runs/b --out runs/compare
+  # your own lm-evaluation-harness task (local files) measured before/after as well
+  tunelab compare --adapter runs/a --probe-task my_tasks/trivia.yaml
 """
 
 
@@ -101,6 +103,10 @@ def add_parsers(subparsers: Any) -> None:
     c.add_argument("--no-zero-shot", action="store_true", help="leave out the zero-shot row")
     c.add_argument("--no-forgetting", action="store_true",
                    help="skip the before/after general-ability check")
+    c.add_argument("--probe-task", action="append", default=[], metavar="TASK.yaml",
+                   help="an lm-evaluation-harness task (local YAML, or a registered name) "
+                        "measured before/after beside tunelab's probe (repeatable; needs "
+                        "pip install 'tunelab[eval]')")
     c.add_argument("--min-gain", type=float, default=0.0,
                    help="smallest score gain worth a training run (default 0)")
     c.set_defaults(func=cmd_compare)
@@ -254,6 +260,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         instruction=args.instruction, system=args.system, finetuned=finetuned,
         forgetting=not args.no_forgetting, options=_options(args),
         progress=not args.no_progress, shot_seed=args.seed, min_gain=args.min_gain,
-        seed=args.seed, data_label=label, shots_label=pool_label, pairs=_pairs(args))
+        seed=args.seed, data_label=label, shots_label=pool_label, pairs=_pairs(args),
+        probe_tasks=args.probe_task)
     print_result(result)
     return 0

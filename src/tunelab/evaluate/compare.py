@@ -49,6 +49,7 @@ from tunelab.evaluate.forgetting import (
     measure_general_ability,
     summarize_forgetting,
 )
+from tunelab.evaluate.probe import check_probe_tasks
 from tunelab.evaluate.run import (
     EvalExample,
     EvalResult,
@@ -129,8 +130,11 @@ def run_compare(examples: list[EvalExample], *, settings: EvalSettings, out: str
                 shot_seed: int = 0, min_gain: float = 0.0, seed: int = 0,
                 title: str | None = None, description: str | None = None,
                 data_label: str | None = None, shots_label: str | None = None,
-                pairs: Sequence[EvalExample] | None = None) -> CompareResult:
-    """Evaluate every row on ``examples``, decide, and write the report (module docstring)."""
+                pairs: Sequence[EvalExample] | None = None,
+                probe_tasks: Sequence[str] = ()) -> CompareResult:
+    """Evaluate every row on ``examples``, decide, and write the report (module docstring).
+    ``probe_tasks``: lm-evaluation-harness task YAMLs (or registered names) measured beside
+    tunelab's probe on the base and every fine-tuned model."""
     start = time.perf_counter()
     options = options or ModelOptions()
     out = Path(out)
@@ -160,6 +164,11 @@ def run_compare(examples: list[EvalExample], *, settings: EvalSettings, out: str
         raise ConfigError("nothing to compare: no zero-shot, few-shot or fine-tuned row")
     base_spec = default_base(model_spec, [f.source for f in finetuned])
     measure_forgetting = forgetting and bool(finetuned)
+    if probe_tasks:
+        if not measure_forgetting:
+            raise ConfigError("--probe-task is measured by the forgetting check (base vs "
+                              "fine-tuned): add an --adapter row and drop --no-forgetting")
+        check_probe_tasks(probe_tasks)
 
     evals: list[EvalResult] = []
     general: dict[str, GeneralAbility] = {}
@@ -177,7 +186,8 @@ def run_compare(examples: list[EvalExample], *, settings: EvalSettings, out: str
         if measure_forgetting:
             general["base"] = measure_general_ability(base, tokenizer,
                                                       batch_size=settings.batch_size,
-                                                      progress=progress, desc="base")
+                                                      progress=progress, desc="base",
+                                                      probe_tasks=probe_tasks)
         for ft in lora16:
             from tunelab import adapters
 
@@ -190,7 +200,7 @@ def run_compare(examples: list[EvalExample], *, settings: EvalSettings, out: str
             if measure_forgetting:
                 general[ft.name] = measure_general_ability(
                     wrapped, tokenizer, batch_size=settings.batch_size, progress=progress,
-                    desc=ft.name)
+                    desc=ft.name, probe_tasks=probe_tasks)
             wrapped.unmerge_adapter()
             base = wrapped.unload()  # the plain base again, LoRA layers removed
     if others:
@@ -204,7 +214,7 @@ def run_compare(examples: list[EvalExample], *, settings: EvalSettings, out: str
             if measure_forgetting:
                 general[ft.name] = measure_general_ability(
                     model, tok, batch_size=settings.batch_size, progress=progress,
-                    desc=ft.name)
+                    desc=ft.name, probe_tasks=probe_tasks)
             _release(model)
     order = {n: i for i, n in enumerate(names)}
     evals.sort(key=lambda e: order[e.name])
@@ -433,6 +443,7 @@ def build_report(evals: Sequence[EvalResult], systems: Sequence[SystemResult],
         "few_shot": {s.name: [shot.id for shot in s.shots] for s in styles if s.shots},
         "fine_tuned": {f.name: str(f.source.path) for f in finetuned},
         "forgetting_reference": GENERAL_TEXT_SOURCE if general else None,
+        "probe_tasks": [str(t) for t in _probe_tasks(general)],
     }
     report["environment"] = collect_environment(device=device)
     lic = model_licence(base_spec)
@@ -441,10 +452,15 @@ def build_report(evals: Sequence[EvalResult], systems: Sequence[SystemResult],
     # report.json only (the HTML shows the sections above):
     report["results"] = [e.summary(seed=seed) for e in evals]
     if general:
-        report["general_ability"] = {k: v.to_dict() for k, v in general.items()}
+        report["general_ability"] = {k: v.to_dict(seed=seed) for k, v in general.items()}
     if overfit:
         report["overfitting"] = {k: v.to_dict() for k, v in overfit.items()}
     return report
+
+
+def _probe_tasks(general: dict[str, GeneralAbility]) -> list[str]:
+    first = next(iter(general.values()), None)
+    return [r.task for r in first.probes] if first is not None else []
 
 
 def print_result(result: CompareResult, *, file: Any = None) -> None:

@@ -6,8 +6,8 @@ Two measures, each computed on the base model ("before") and on the fine-tuned m
 
 * **general-text perplexity**: token-weighted perplexity on a fixed set of English prose
   paragraphs (higher after = worse);
-* **general-knowledge probe**: accuracy on :data:`PROBE`, short factual questions scored
-  with the ``contains`` metric against a list of accepted answers (lower after = worse).
+* **general-knowledge probe**: accuracy on tunelab's multiple-choice probe, per-item 0/1
+  (lower after = worse), and on every harness task the user adds.
 
 **Which general text.** It must exist on a fresh machine without network, be legal to use,
 and be the same for before and after. We use the prose paragraphs of Python's own reference
@@ -22,10 +22,13 @@ Python version; before and after are always computed in the same process, so the
 is comparable. If a stripped-down Python lacks ``pydoc_data``, the perplexity measure is
 skipped with a message rather than failing the run.
 
-**Which probe.** The quickstart's task is about countries (capital, region, population,
-currency), so a capital-city probe would measure the training data, not general
-knowledge. :data:`PROBE` asks 30 everyday science, language, arithmetic and culture questions
-and deliberately none about countries, capitals, currencies or populations.
+**Which probe.** :mod:`tunelab.evaluate.probe`: 252 multiple-choice items in five skills
+(facts, language, arithmetic, reasoning, code reading), shipped under CC0, scored by
+log-likelihood over the choices through lm-evaluation-harness when it is installed (else by
+tunelab's own scorer, same numbers). The quickstart's task is about countries (capital,
+region, population, currency), so a capital-city probe would measure the training data, not
+general ability: no item is about countries, capitals, currencies or populations. A user's
+own harness tasks (``--probe-task FILE.yaml``) are measured beside it, each its own item.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunelab.evaluate.metrics import contains
+from tunelab.evaluate.probe import ProbeResult, load_probe, run_probes
 
 log = logging.getLogger(__name__)
 
@@ -44,46 +47,6 @@ GENERAL_TEXT_SOURCE = "pydoc_data.topics (Python reference manual prose, PSF lic
 N_DOCS = 32
 DOC_TOKENS = 128
 MIN_PARAGRAPH_CHARS = 300
-
-# (question, accepted answers). Scored with `contains` (normalised, whole words) against any
-# accepted answer. No item is about countries, capitals, currencies or populations, which is
-# what the quickstart's task trains on.
-PROBE: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("What is the chemical symbol for gold?", ("Au",)),
-    ("How many legs does a spider have?", ("8", "eight")),
-    ("Who wrote the play Romeo and Juliet?", ("Shakespeare",)),
-    ("Which planet is known as the Red Planet?", ("Mars",)),
-    ("What is the largest planet in our solar system?", ("Jupiter",)),
-    ("What gas do plants absorb from the air for photosynthesis?",
-     ("carbon dioxide", "CO2")),
-    ("At how many degrees Celsius does water boil at sea level?", ("100",)),
-    ("How many days are there in a week?", ("7", "seven")),
-    ("What is the opposite of the word hot?", ("cold",)),
-    ("How many sides does a triangle have?", ("3", "three")),
-    ("What is 7 times 8?", ("56", "fifty-six", "fifty six")),
-    ("What is the largest mammal on Earth?", ("blue whale",)),
-    ("Who painted the Mona Lisa?", ("Leonardo", "da Vinci")),
-    ("Which organ pumps blood through the human body?", ("heart",)),
-    ("What sweet food do bees make?", ("honey",)),
-    ("What is the hardest natural substance?", ("diamond", "diamonds")),
-    ("How many hours are there in a day?", ("24", "twenty-four", "twenty four")),
-    ("What colour do you get by mixing blue and yellow paint?", ("green",)),
-    ("Which star is at the centre of our solar system?", ("Sun",)),
-    ("What is the chemical formula of water?", ("H2O",)),
-    ("Who developed the theory of relativity?", ("Einstein",)),
-    ("What is the square root of 81?", ("9", "nine")),
-    ("What is the past tense of the verb go?", ("went",)),
-    ("Which animal is known as the king of the jungle?", ("lion",)),
-    ("How many minutes are in an hour?", ("60", "sixty")),
-    ("Which planet is closest to the Sun?", ("Mercury",)),
-    ("Which musical instrument has 88 black and white keys?", ("piano",)),
-    ("What is the plural of the word mouse?", ("mice",)),
-    ("Who was the first person to walk on the Moon?", ("Armstrong",)),
-    ("What do caterpillars turn into?", ("butterfly", "butterflies", "moth", "moths")),
-)
-PROBE_SUFFIX = " Answer in a few words."
-PROBE_MAX_NEW_TOKENS = 24
-
 
 def _is_prose(paragraph: str) -> bool:
     """A paragraph of running English text: not indented (code, grammar), mostly letters,
@@ -118,47 +81,51 @@ def general_texts(n_docs: int = N_DOCS) -> list[str]:
     return docs
 
 
-def probe_prompts() -> list[str]:
-    return [q + PROBE_SUFFIX for q, _ in PROBE]
-
-
-def score_probe(answers: Sequence[str]) -> list[float]:
-    """1.0 where an answer contains one of the accepted answers of its probe question."""
-    return [max(contains(a, ok) for ok in accepted)
-            for a, (_, accepted) in zip(answers, PROBE, strict=True)]
-
-
 @dataclass
 class GeneralAbility:
     """One model's general-ability numbers: per-document ``(nll_sum, n_tokens)`` on the
-    general text and per-question 0/1 probe scores (with the answers, for reading)."""
+    general text, per-item 0/1 scores on tunelab's probe (with the chosen answers, for
+    reading), and every probe task's full result (tunelab's first, then the user's)."""
 
     ppl_docs: list[tuple[float, int]] | None = None
     probe_scores: list[float] | None = None
     probe_answers: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    probes: list[ProbeResult] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, Any]:
+    @property
+    def extra_probes(self) -> list[ProbeResult]:
+        """The user's probe tasks (every task after tunelab's own)."""
+        return self.probes[1:]
+
+    def to_dict(self, *, seed: int = 0) -> dict[str, Any]:
         from tunelab.evaluate.stats import corpus_perplexity
 
+        own = self.probes[0] if self.probes else None
+        items = load_probe() if own is not None else []
         return {"perplexity": corpus_perplexity(self.ppl_docs) if self.ppl_docs else None,
                 "probe_accuracy": (sum(self.probe_scores) / len(self.probe_scores)
                                    if self.probe_scores else None),
-                "probe": [{"question": q, "accepted": list(ok), "answer": a, "score": s}
-                          for (q, ok), a, s in zip(PROBE, self.probe_answers,
-                                                   self.probe_scores or [], strict=False)],
+                "probe_backend": own.backend if own else None,
+                "probe_by_skill": own.by_skill() if own else {},
+                "probe": [{"id": it.id, "skill": it.skill, "question": it.question,
+                           "choices": list(it.choices), "answer": it.answer, "pick": a,
+                           "score": s}
+                          for it, a, s in zip(items, self.probe_answers,
+                                              self.probe_scores or [], strict=False)],
+                "probe_tasks": [r.to_dict(seed=seed) for r in self.extra_probes],
                 "seconds": round(self.seconds, 2)}
 
 
 def measure_general_ability(model: Any, tokenizer: Any, *, batch_size: int = 16,
                             progress: bool = True, desc: str = "general",
-                            n_docs: int = N_DOCS, doc_tokens: int = DOC_TOKENS
-                            ) -> GeneralAbility:
-    """Perplexity on :func:`general_texts` and accuracy on :data:`PROBE` for one model."""
+                            n_docs: int = N_DOCS, doc_tokens: int = DOC_TOKENS,
+                            probe_tasks: Sequence[str] = ()) -> GeneralAbility:
+    """Perplexity on :func:`general_texts`, accuracy on tunelab's probe and on every harness
+    task of ``probe_tasks`` (:func:`tunelab.evaluate.probe.run_probes`) for one model."""
     import time
 
-    from tunelab.evaluate.run import generate_batched, text_nll
-    from tunelab.generate import GenerationSettings, build_prompt
+    from tunelab.evaluate.run import text_nll
 
     start = time.perf_counter()
     texts = general_texts(n_docs)
@@ -170,20 +137,25 @@ def measure_general_ability(model: Any, tokenizer: Any, *, batch_size: int = 16,
     else:
         log.warning("pydoc_data is not installed in this Python: skipping the general-text "
                     "perplexity part of the forgetting check")
-    prompts = [build_prompt(tokenizer, p) for p in probe_prompts()]
-    outs = generate_batched(model, tokenizer, prompts,
-                            GenerationSettings(max_new_tokens=PROBE_MAX_NEW_TOKENS),
-                            batch_size=batch_size, progress=progress, desc=f"{desc}: probe")
-    result.probe_answers = [o["text"] for o in outs]
-    result.probe_scores = score_probe(result.probe_answers)
+    result.probes = run_probes(model, tokenizer, probe_tasks, batch_size=batch_size,
+                               progress=progress, desc=f"{desc}: probe")
+    own = result.probes[0]
+    result.probe_scores = list(own.scores)
+    result.probe_answers = [_choice_text(it.choices, p) for it, p in
+                            zip(load_probe(), own.picks, strict=True)]
     result.seconds = time.perf_counter() - start
     return result
 
 
+def _choice_text(choices: Sequence[str], pick: int) -> str:
+    return choices[pick] if 0 <= pick < len(choices) else ""
+
+
 def forgetting_items(name: str | None, before: GeneralAbility, after: GeneralAbility,
                      *, seed: int = 0) -> list[Any]:
-    """The :class:`~tunelab.evaluate.verdict.ForgettingItem` list of one fine-tuned system;
-    names are prefixed with the system's name when given (several systems in one report)."""
+    """The :class:`~tunelab.evaluate.verdict.ForgettingItem` list of one fine-tuned system
+    (perplexity, tunelab's probe, then each user probe task measured on both); names are
+    prefixed with the system's name when given (several systems in one report)."""
     from tunelab.evaluate.verdict import perplexity_forgetting, score_forgetting
 
     prefix = f"{name}: " if name else ""
@@ -194,6 +166,12 @@ def forgetting_items(name: str | None, before: GeneralAbility, after: GeneralAbi
     if before.probe_scores and after.probe_scores:
         items.append(score_forgetting(f"{prefix}general-knowledge probe accuracy",
                                       before.probe_scores, after.probe_scores, seed=seed))
+    after_tasks = {r.task: r for r in after.extra_probes}
+    for b in before.extra_probes:
+        a = after_tasks.get(b.task)
+        if a is not None and a.scores and b.scores:
+            items.append(score_forgetting(f"{prefix}{b.task} {b.metric}", b.scores, a.scores,
+                                          seed=seed))
     return items
 
 
