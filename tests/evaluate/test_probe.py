@@ -137,7 +137,9 @@ def test_harness_and_tunelab_scorer_agree_item_by_item(tiny_model_dir, tmp_path,
     assert ability.probe_scores == harness.scores
     report = ability.to_dict()
     assert report["probe_backend"] == "lm-eval" and len(report["probe"]) == n
-    assert report["probe"][0]["pick"] in report["probe"][0]["choices"]
+    first = report["probe"][0]
+    assert first["picked"] in first["choices"] and first["gold"] in first["choices"]
+    assert first["score"] == float(first["picked"] == first["gold"])
     assert report["probe_tasks"][0]["task"] == "my_colours"
     assert set(report["probe_by_skill"]) == set(probe.SKILLS)
     # without the harness, an extra task is refused in one line saying how to get it

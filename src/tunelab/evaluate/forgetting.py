@@ -109,8 +109,8 @@ class GeneralAbility:
                 "probe_backend": own.backend if own else None,
                 "probe_by_skill": own.by_skill() if own else {},
                 "probe": [{"id": it.id, "skill": it.skill, "question": it.question,
-                           "choices": list(it.choices), "answer": it.answer, "pick": a,
-                           "score": s}
+                           "choices": list(it.choices), "gold": it.choices[it.answer],
+                           "picked": a, "score": s}
                           for it, a, s in zip(items, self.probe_answers,
                                               self.probe_scores or [], strict=False)],
                 "probe_tasks": [r.to_dict(seed=seed) for r in self.extra_probes],

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, DataError
 from tunelab.evaluate.stats import Interval, bootstrap_mean_ci
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,9 @@ def load_probe(path: str | Path = PROBE_FILE) -> list[ProbeItem]:
             items.append(ProbeItem(row["id"], row["skill"], row["question"],
                                    tuple(row["choices"]), int(row["answer"])))
             if not 0 <= items[-1].answer < len(items[-1].choices):
-                raise ConfigError(f"{path}:{n}: answer {row['answer']} is not an index "
-                                  f"into its {len(row['choices'])} choices")
+                raise DataError(f"answer {row['answer']} is not an index into its "
+                                f"{len(row['choices'])} choices", path=str(path), line=n,
+                                field="answer")
     return items
 
 
@@ -251,9 +252,11 @@ def run_harness(model: Any, tokenizer: Any, specs: Sequence[str | Path], *,
     # local YAML files do not.
     manager = TaskManager(include_defaults=any(isinstance(c, str) for c in configs))
     try:
+        # Zero-shot log-likelihoods draw no random numbers; the process-wide seeds are left
+        # as they are (None) rather than reset behind the caller's back.
         out = simple_evaluate(model=lm, tasks=configs, task_manager=manager, log_samples=True,
-                              bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
-                              torch_random_seed=seed, fewshot_random_seed=seed)
+                              bootstrap_iters=0, random_seed=None, numpy_random_seed=None,
+                              torch_random_seed=None, fewshot_random_seed=seed)
     finally:
         model.train(was_training)
     samples = (out or {}).get("samples", {})
