@@ -24,11 +24,19 @@ import contextlib
 import io
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parents[1] / "src" / "tunelab" / "assets" / "probe" / \
-    "general_probe.jsonl"
+ASSETS = Path(__file__).resolve().parents[1] / "src" / "tunelab" / "assets"
+OUT = ASSETS / "probe" / "general_probe.jsonl"
+# replay: self trains on the base model's answers to these prompts; a probe item that is one of
+# them would measure the replay data, not kept ability (tests/test_replay.py checks the same)
+REPLAY_PROMPTS = ASSETS / "general_prompts.jsonl"
+STOP = {"a", "an", "the", "is", "are", "of", "in", "on", "to", "for", "what", "which", "who",
+        "how", "does", "do", "this", "that", "it", "and", "or", "give", "number", "answer",
+        "one", "two", "sentences", "sentence", "word", "words", "python", "code", "program",
+        "print", "prints"}
 SEED = 20
 
 # (question, right answer, three wrong answers)
@@ -64,40 +72,36 @@ FACTS = [
     ("What do caterpillars turn into?", "butterflies", "spiders", "beetles", "frogs"),
     ("What is frozen water called?", "ice", "steam", "fog", "dew"),
     ("How many bones are in the adult human body?", "206", "106", "306", "26"),
-    ("Which part of the plant takes up water from the soil?", "the roots", "the flowers",
-     "the leaves", "the seeds"),
+    ("What do we call a baby frog?", "a tadpole", "a cub", "a chick", "a calf"),
     ("What is the boiling point of water in degrees Fahrenheit at sea level?", "212", "100",
      "32", "180"),
     ("Which animal is the fastest on land?", "the cheetah", "the horse", "the lion",
      "the ostrich"),
     ("What force pulls objects towards the Earth?", "gravity", "magnetism", "friction",
      "electricity"),
-    ("Which blood cells carry oxygen around the body?", "red blood cells",
-     "white blood cells", "platelets", "nerve cells"),
+    ("Which animal has a trunk?", "the elephant", "the giraffe", "the rhino", "the hippo"),
     ("What is the largest organ of the human body?", "the skin", "the liver", "the brain",
      "the heart"),
     ("Which gas makes up most of the air we breathe?", "nitrogen", "oxygen",
      "carbon dioxide", "hydrogen"),
     ("What is the name of the natural satellite that orbits the Earth?", "the Moon",
      "the Sun", "Mars", "Titan"),
-    ("How many continents are there?", "seven", "five", "six", "nine"),
-    ("What is the largest ocean on Earth?", "the Pacific Ocean", "the Atlantic Ocean",
-     "the Indian Ocean", "the Arctic Ocean"),
+    ("Which animal has eight arms and lives in the sea?", "the octopus", "the starfish",
+     "the crab", "the jellyfish"),
+    ("How many colours are there in a rainbow?", "seven", "five", "six", "nine"),
     ("Which animal is known for changing its skin colour to blend in?", "the chameleon",
      "the rabbit", "the owl", "the goldfish"),
     ("What do we call animals that eat only plants?", "herbivores", "carnivores",
      "omnivores", "predators"),
     ("What is the main gas produced by plants during photosynthesis?", "oxygen",
      "carbon dioxide", "methane", "nitrogen"),
-    ("Who wrote the novel Pride and Prejudice?", "Jane Austen", "Emily Bronte",
-     "Charles Dickens", "George Orwell"),
-    ("Which metal is liquid at room temperature?", "mercury", "iron", "copper",
-     "aluminium"),
+    ("Who wrote the novel Moby-Dick?", "Herman Melville", "Mark Twain", "Charles Dickens",
+     "Jules Verne"),
+    ("What is the chemical symbol for iron?", "Fe", "Ir", "In", "I"),
     ("What is the centre of an atom called?", "the nucleus", "the electron",
      "the shell", "the membrane"),
     ("How many sides does a hexagon have?", "six", "five", "seven", "eight"),
-    ("Which vitamin does the skin make in sunlight?", "vitamin D", "vitamin C",
-     "vitamin A", "vitamin K"),
+    ("Which planet do we live on?", "Earth", "Mars", "Venus", "Mercury"),
     ("What kind of animal is a whale?", "a mammal", "a fish", "a reptile", "an amphibian"),
     ("Who composed the Moonlight Sonata?", "Ludwig van Beethoven", "Wolfgang Amadeus Mozart",
      "Johann Sebastian Bach", "Frederic Chopin"),
@@ -106,7 +110,7 @@ FACTS = [
     ("What is the speed of light in a vacuum, roughly?", "300,000 kilometres per second",
      "300 kilometres per second", "3,000 kilometres per hour", "30 metres per second"),
     ("Which shape has three sides?", "a triangle", "a square", "a circle", "a pentagon"),
-    ("What is the freezing point of water in degrees Celsius?", "0", "10", "-10", "32"),
+    ("How many minutes are there in an hour?", "60", "100", "30", "24"),
     ("Which bird is a symbol of peace?", "the dove", "the crow", "the eagle", "the vulture"),
     ("How many hours are there in a day?", "24", "12", "36", "48"),
     ("What do bees collect from flowers to make honey?", "nectar", "pollen", "leaves",
@@ -124,7 +128,7 @@ LANGUAGE = [
     ("What is the opposite of the word hot?", "cold", "warm", "heat", "sunny"),
     ("What is the past tense of the verb go?", "went", "goed", "gone", "going"),
     ("What is the plural of the word mouse?", "mice", "mouses", "meese", "mousen"),
-    ("What is the plural of the word child?", "children", "childs", "childes", "childer"),
+    ("What is the plural of the word goose?", "geese", "gooses", "geeses", "goosen"),
     ("What is the past tense of the verb eat?", "ate", "eated", "eaten", "eating"),
     ("What is the opposite of the word happy?", "sad", "glad", "joyful", "cheerful"),
     ("Which word means the same as big?", "large", "tiny", "narrow", "short"),
@@ -136,8 +140,10 @@ LANGUAGE = [
     ("Which of these words is a verb?", "jump", "happy", "chair", "softly"),
     ("Which of these words is an adjective?", "green", "swim", "slowly", "house"),
     ("Which of these words is an adverb?", "quietly", "quiet", "quietness", "quieter"),
-    ("What is the comparative form of good?", "better", "gooder", "best", "more good"),
-    ("What is the superlative form of bad?", "worst", "baddest", "worse", "most bad"),
+    ("What is the comparative form of small?", "smaller", "smallest", "more small",
+     "smalls"),
+    ("What is the superlative form of happy?", "happiest", "happier", "most happiest",
+     "happyest"),
     ("Which word rhymes with cat?", "hat", "dog", "cup", "car"),
     ("Which word rhymes with moon?", "spoon", "mean", "man", "mine"),
     ("What is the opposite of the word early?", "late", "soon", "first", "quick"),
@@ -154,10 +160,10 @@ LANGUAGE = [
      "a comma", "a colon"),
     ("What is the opposite of the word empty?", "full", "hollow", "bare", "vacant"),
     ("Which word means the same as begin?", "start", "finish", "stop", "pause"),
-    ("What is the past tense of the verb swim?", "swam", "swimmed", "swum", "swims"),
+    ("What is the past tense of the verb sing?", "sang", "singed", "sung", "sings"),
     ("What is the plural of the word woman?", "women", "womans", "womens", "womanes"),
-    ("What is the opposite of the word ancient?", "modern", "old", "antique", "historic"),
-    ("Which word is a pronoun?", "she", "blue", "walk", "under"),
+    ("What is the opposite of the word heavy?", "light", "dense", "large", "solid"),
+    ("Which of these words is a conjunction?", "and", "dog", "jump", "red"),
     ("Which word is a preposition?", "under", "apple", "sing", "bright"),
     ("Which word means a baby dog?", "a puppy", "a kitten", "a calf", "a foal"),
     ("Which word means a baby cat?", "a kitten", "a puppy", "a cub", "a lamb"),
@@ -196,8 +202,8 @@ LOGIC = [
      "three", "none"),
     ("A week has seven days. How many days are there in two weeks?", "fourteen", "seven",
      "twelve", "twenty-one"),
-    ("Which is heavier, a kilogram of feathers or a kilogram of stones?",
-     "they weigh the same", "the stones", "the feathers", "it depends on the weather"),
+    ("A bag holds 5 apples and you add 3 more. How many apples are in the bag?", "8", "2",
+     "5", "15"),
     ("If a shape has four equal sides and four right angles, what is it?", "a square",
      "a triangle", "a circle", "an oval"),
     ("Mia is standing in a line. Two people are in front of her. In which position is she?",
@@ -213,6 +219,23 @@ RELATIONS = [("taller", "shortest", "tallest"), ("older", "youngest", "oldest"),
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 WORDS = ["garden", "planet", "window", "river", "pencil", "basket", "candle", "forest",
          "ladder", "orange", "rabbit", "silver", "summer", "tunnel", "violin", "yellow"]
+
+
+def _content(text: str) -> frozenset[str]:
+    return frozenset(re.findall(r"[a-z0-9]+", text.lower())) - STOP
+
+
+def _replay_words() -> list[frozenset[str]]:
+    return [_content(json.loads(line)["prompt"])
+            for line in REPLAY_PROMPTS.read_text(encoding="utf-8").splitlines() if line]
+
+
+def _is_replay(question: str, replay: list[frozenset[str]]) -> bool:
+    """True when one text's content words hold the other's and are at least half as many
+    (a copy or a near copy, as tests/test_replay.py judges it)."""
+    q = _content(question)
+    return any((q <= p and 2 * len(q) >= len(p)) or (p <= q and 2 * len(p) >= len(q))
+               for p in replay if p and q)
 
 
 def _item(question: str, right: str, wrong: list[str], rng: random.Random
@@ -234,7 +257,8 @@ def _near(value: int, rng: random.Random, spread: tuple[int, ...] = (1, 2, 10)) 
     return [str(w) for w in wrong]
 
 
-def arithmetic(rng: random.Random, n: int = 50) -> list[tuple[str, str, list[str]]]:
+def arithmetic(rng: random.Random, replay: list[frozenset[str]], n: int = 50
+               ) -> list[tuple[str, str, list[str]]]:
     out = []
     kinds = ["add", "sub", "mul", "div"]
     while len(out) < n:
@@ -251,7 +275,7 @@ def arithmetic(rng: random.Random, n: int = 50) -> list[tuple[str, str, list[str
         else:
             b, v = rng.randint(2, 9), rng.randint(2, 12)
             q = f"What is {b * v} divided by {b}?"
-        if q not in {o[0] for o in out}:
+        if q not in {o[0] for o in out} and not _is_replay(q, replay):
             out.append((q, str(v), _near(v, rng)))
     return out
 
@@ -282,12 +306,13 @@ def _weekday(rng: random.Random) -> tuple[str, str, list[str]]:
     return q, right, wrong
 
 
-def reasoning(rng: random.Random) -> list[tuple[str, str, list[str]]]:
+def reasoning(rng: random.Random, replay: list[frozenset[str]]
+              ) -> list[tuple[str, str, list[str]]]:
     out = [(q, r, list(w)) for q, r, *w in LOGIC]
     makers = [_ordering, _sequence, _weekday]
     while len(out) < 50:
         item = makers[len(out) % 3](rng)
-        if item[0] not in {o[0] for o in out}:
+        if item[0] not in {o[0] for o in out} and not _is_replay(item[0], replay):
             out.append(item)
     return out
 
@@ -314,7 +339,7 @@ def _snippet(kind: int, rng: random.Random) -> tuple[str, list[str] | None]:
         op = rng.choice(["len", "sum", "max", "min"])
         return f"xs = {xs}\nprint({op}(xs))", None
     if kind == 3:
-        n = rng.randint(3, 8)
+        n = rng.randint(3, 12)
         return f"total = 0\nfor i in range({n}):\n    total += i\nprint(total)", None
     if kind == 4:
         k, m, c = rng.randint(1, 9), rng.randint(2, 4), rng.randint(0, 5)
@@ -331,12 +356,13 @@ def _snippet(kind: int, rng: random.Random) -> tuple[str, list[str] | None]:
     return f"xs = {xs}\nprint(xs[-{i}])", None
 
 
-def code(rng: random.Random, n: int = 50) -> list[tuple[str, str, list[str]]]:
+def code(rng: random.Random, replay: list[frozenset[str]], n: int = 50
+         ) -> list[tuple[str, str, list[str]]]:
     out = []
     seen = set()
     while len(out) < n:
         src, wrong = _snippet(len(out) % 8, rng)
-        if src in seen:
+        if src in seen or _is_replay(src, replay):
             continue
         seen.add(src)
         right = _run(src)
@@ -349,18 +375,21 @@ def code(rng: random.Random, n: int = 50) -> list[tuple[str, str, list[str]]]:
 
 def build() -> list[dict]:
     rng = random.Random(SEED)
+    replay = _replay_words()
     skills = {
         "facts": [(q, r, list(w)) for q, r, *w in FACTS],
         "language": [(q, r, list(w)) for q, r, *w in LANGUAGE],
-        "arithmetic": arithmetic(rng),
-        "reasoning": reasoning(rng),
-        "code": code(rng),
+        "arithmetic": arithmetic(rng, replay),
+        "reasoning": reasoning(rng, replay),
+        "code": code(rng, replay),
     }
     rows, seen = [], set()
     for skill, items in skills.items():
         for n, (question, right, wrong) in enumerate(items, 1):
             if question in seen:
                 raise ValueError(f"duplicate probe question: {question!r}")
+            if _is_replay(question, replay):
+                raise ValueError(f"probe question {question!r} repeats a replay prompt")
             seen.add(question)
             q, choices, answer = _item(question, right, wrong, rng)
             rows.append({"id": f"{skill}-{n:03d}", "skill": skill, "question": q,
