@@ -146,3 +146,14 @@ def test_fsdp_shards_full_lora_and_qlora_but_not_an_8bit_base():
     with pytest.raises(ConfigError, match="cannot shard an 8-bit base.*method: qlora"):
         build_config({**BASE, "parallel": "fsdp", "base_bits": 8})
     assert build_config({**BASE, "parallel": "ddp", "base_bits": 8}).base_bits == 8
+
+
+def test_an_empty_replay_in_a_config_file_stays_off(tmp_path):
+    """A config written back from run_config.json has ``replay: ''``: it must not become the
+    config file's folder (which a resumed run then tried to read as data)."""
+    from tunelab.config import resolve_data_paths
+
+    values = {"replay": "", "data": "d.jsonl"}
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    resolve_data_paths(values, tmp_path / "c.yaml")
+    assert values == {"replay": "", "data": str(tmp_path / "d.jsonl")}

@@ -431,7 +431,8 @@ def resolve_data_paths(values: dict[str, Any], config_file: str | Path) -> None:
     folder = Path(config_file).parent
 
     def resolve(path: Any) -> Any:
-        if not isinstance(path, str) or Path(path).is_absolute() or path.startswith("hf:"):
+        if not isinstance(path, str) or not path or Path(path).is_absolute() \
+                or path.startswith("hf:"):  # "" is no path (replay off), not this folder
             return path
         candidate = folder / path
         return str(candidate) if candidate.exists() else path
