@@ -208,9 +208,11 @@ def test_cpu_calibration_api() -> None:
     arch = get_arch("smollm2-135m")
     est = estimate_memory(arch, method="lora", seq=256, batch=2, device="cpu", dtype="fp32",
                           grad_ckpt=False, optimizer="adamw", lora_r=8, target_fraction=0.5)
+    from tunelab.plan.estimate import scipy_import_bytes
+
     assert est.overhead == cpu_overhead_bytes(arch, "lora") == (
         CPU_PROCESS_BASELINE_BYTES + CPU_PEFT_IMPORT_BYTES + CPU_RUNTIME_BYTES
-        + CPU_TOKENIZER_BYTES_PER_TOKEN * arch.vocab)
+        + scipy_import_bytes() + CPU_TOKENIZER_BYTES_PER_TOKEN * arch.vocab)
     assert 300 * 2**20 < CPU_PROCESS_BASELINE_BYTES < 600 * 2**20
     # full fine-tuning never imports peft
     assert cpu_overhead_bytes(arch, "full") == est.overhead - CPU_PEFT_IMPORT_BYTES
